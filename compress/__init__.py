@@ -1,0 +1,1 @@
+"""Compression passes: quantization, pruning, token pruning, distillation, fine-tuning."""

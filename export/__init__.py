@@ -1,0 +1,1 @@
+"""Export passes (ONNX, later TFLite and TVM) and parity verification."""

@@ -1,0 +1,1 @@
+"""The CoDeNet-style HLS flow for embedded FPGAs (not built yet)."""

@@ -1,0 +1,1 @@
+"""A zoo of edge architectures, each exportable."""

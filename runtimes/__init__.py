@@ -1,0 +1,1 @@
+"""Runtime adapters behind one small interface, and the benchmark harness."""

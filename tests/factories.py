@@ -1,0 +1,7 @@
+"""Factories that tests load through ``python:tests.factories:NAME`` sources."""
+
+import torch
+
+
+def mlp(hidden: int = 16):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
