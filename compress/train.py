@@ -1,0 +1,104 @@
+"""Supervised training on the recipe's train split.
+
+Used to train a fresh zoo model (the quickstart) and, later, to recover
+accuracy after pruning. Weights trained under a given step key are cached in
+the shared cache folder, so the same recipe on another run folder does not
+train again.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from edgekit.artifact import Artifact
+from edgekit.errors import UserError
+from edgekit.passes import Pass, PassConfig, PassContext
+
+
+class TrainConfig(PassConfig):
+    epochs: int = Field(10, ge=1, description="passes over the train split")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (cosine decay)")
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    cache: bool = Field(True, description="reuse weights trained earlier with the same model, data and config")
+
+
+class TrainSupervised(Pass):
+    """Train a classifier on data.train with cross-entropy (weights cached across runs)."""
+
+    name = "train.supervised"
+    kind = "compress"
+    Config = TrainConfig
+    accepts = ("torch",)
+    uses_data = ("train",)
+
+    def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
+        import torch
+
+        cfg: TrainConfig = self.config
+        if ctx.data is None:
+            raise UserError("train.supervised needs data.train; add a data: section with a labelled source")
+        split = ctx.data.split("train")
+        if split.labels is None:
+            raise UserError("train.supervised needs labels, but the train data has none; use a labelled source (sklearn:digits, images:DIR, npz with 'labels')")
+        module = copy.deepcopy(artifact.torch_module())
+        cache_file = ctx.cache_dir / "weights" / f"{ctx.key}.pt" if (cfg.cache and ctx.cache_dir and ctx.key) else None
+        if cache_file is not None and cache_file.is_file():
+            module.load_state_dict(torch.load(cache_file, map_location="cpu", weights_only=True))
+            ctx.metrics["train"] = {"cached": True, "weights": str(cache_file)}
+            return artifact.derive(module=module.eval())
+
+        started = time.perf_counter()
+        torch.manual_seed(ctx.seed)
+        names = [s.name for s in artifact.inputs]
+        x = {n: torch.from_numpy(split.arrays[n]) for n in names}
+        y = torch.from_numpy(split.labels)
+        n = len(y)
+        steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+        if cfg.optimizer == "adam":
+            opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        epochs = range(cfg.epochs)
+        if ctx.progress:
+            epochs = ctx.progress(epochs, description="training", total=cfg.epochs)
+        module.train()
+        loss_value, correct = float("nan"), 0
+        for _ in epochs:
+            order = torch.randperm(n, generator=gen)
+            total, correct = 0.0, 0
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i : i + cfg.batch_size]
+                logits = module(*[x[k][idx] for k in names])
+                loss = loss_fn(logits, y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+                correct += int((logits.argmax(1) == y[idx]).sum())
+            loss_value = total / n
+        module.eval()
+        if cache_file is not None:
+            from edgekit.fsio import atomic_path
+
+            with atomic_path(cache_file) as tmp:
+                torch.save(module.state_dict(), tmp)
+        ctx.metrics["train"] = {
+            "cached": False,
+            "epochs": cfg.epochs,
+            "samples": n,
+            "final_loss": round(loss_value, 5),
+            "train_top1": round(correct / n, 5),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        return artifact.derive(module=module)

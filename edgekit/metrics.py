@@ -1,0 +1,58 @@
+"""Metrics on numpy arrays; axis 0 counts samples."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {list(a.shape)} vs {list(b.shape)}")
+    return a, b
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Share of samples whose highest logit is the label."""
+    pred = np.asarray(logits).reshape(len(labels), -1).argmax(axis=1)
+    return float((pred == np.asarray(labels)).mean())
+
+
+def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of samples where two models pick the same class."""
+    a, b = _pair(a, b)
+    n = a.shape[0]
+    return float((a.reshape(n, -1).argmax(1) == b.reshape(n, -1).argmax(1)).mean())
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Row-wise cosine similarity of flattened samples: mean and worst."""
+    a, b = _pair(a, b)
+    n = a.shape[0]
+    a, b = a.reshape(n, -1), b.reshape(n, -1)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-30)
+    cos = np.where(both_zero, 1.0, cos)
+    return {"mean": float(cos.mean()), "min": float(cos.min())}
+
+
+def max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = _pair(a, b)
+    return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = _pair(a, b)
+    return float(np.abs(a - b).mean()) if a.size else 0.0
+
+
+def max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude.
+
+    Scale-relative rather than element-wise, so near-zero elements do not blow it up.
+    """
+    a, b = _pair(a, b)
+    if not a.size:
+        return 0.0
+    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
