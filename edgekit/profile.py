@@ -1,7 +1,10 @@
-"""The profile probe and `edgekit inspect`: params, MACs, op histogram, size.
+"""The profile probe and ``edgekit inspect``: params, MACs, op histogram, size.
 
-Torch MACs come from PyTorch's FLOP counter on one batch-1 forward pass; ONNX
-MACs from the graph's inferred shapes (Conv, ConvTranspose, Gemm, MatMul).
+Torch MACs come from PyTorch's FLOP counter on one batch-1 forward pass (FLOPs
+// 2). ONNX MACs come from the graph itself: named dims are fixed to concrete
+sizes, shapes are inferred, and Conv, ConvTranspose, Gemm, MatMul (and their
+integer / QLinear forms) and Einsum are counted. A node whose shapes stay
+unknown is skipped and the result is marked ``macs_partial``.
 """
 
 from __future__ import annotations
@@ -11,205 +14,440 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from edgekit.artifact import Artifact, torch_state_bytes
+from edgekit.artifact import ARTIFACT_FILE, Artifact, TensorSpec
 from edgekit.errors import UserError
+
+# op type -> (index of the data input, index of the weight / second operand)
+_CONV_OPS = {"Conv": (0, 1), "ConvInteger": (0, 1), "FusedConv": (0, 1), "QLinearConv": (0, 3)}
+_MATMUL_OPS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3)}
+_GEMM_OPS = {"Gemm", "FusedGemm"}
+_COUNTED_OPS = {*_CONV_OPS, *_MATMUL_OPS, *_GEMM_OPS, "ConvTranspose", "Einsum"}
+# Ops that multiply-accumulate but are not counted: their presence makes the total partial.
+_UNCOUNTED_MAC_OPS = {
+    "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention", "QAttention", "FusedMatMul",
+    "MatMulNBits", "DynamicQuantizeMatMul", "QGemm", "DeformConv",
+}
+# Initializers of these ONNX element types are shape / index data, not weights.
+_NON_WEIGHT_TYPES = {4, 5, 6, 7, 8, 9, 12, 13}  # (u)int16, int32, int64, string, bool, uint32, uint64
 
 
 def profile_artifact(artifact: Artifact, dims: dict[str, int]) -> dict[str, Any]:
+    """{"params", "macs" (batch 1; None if not countable), "size_bytes", "ops"} of an artifact."""
     if artifact.format == "torch":
         info = _torch_profile(artifact.torch_module(), artifact.inputs, dims)
+        info.pop("outputs", None)
     elif artifact.format == "onnx":
-        info = _onnx_profile(artifact.path("model"), dims)
-    else:
+        info = _onnx_profile(_load_onnx(artifact.path("model")), artifact.inputs, dims)
+    else:  # formats without a counter yet still get their size
         info = {"params": None, "macs": None, "ops": {}}
     info["size_bytes"] = artifact.size_bytes()
     return info
 
 
+def _batch1_dims(specs: list[TensorSpec], dims: dict[str, int]) -> dict[str, int]:
+    """``dims`` with every named batch dim (the first dim of an input) set to 1."""
+    fixed = dict(dims or {})
+    for s in specs:
+        if s.shape and isinstance(s.shape[0], str):
+            fixed[s.shape[0]] = 1
+    return fixed
+
+
 # -- torch ---------------------------------------------------------------------
 
-def _torch_profile(module, inputs, dims) -> dict[str, Any]:
+def _torch_profile(module, specs: list[TensorSpec], dims: dict[str, int]) -> dict[str, Any]:
+    params = sum(p.numel() for p in module.parameters())  # parameters() skips shared ones
+    ops = Counter(type(m).__name__ for m in module.modules() if next(m.children(), None) is None)
+    macs, outputs = _torch_macs(module, specs, _batch1_dims(specs, dims))
+    return {"params": int(params), "macs": macs, "ops": dict(ops.most_common()), "outputs": outputs}
+
+
+def _torch_macs(module, specs: list[TensorSpec], dims: dict[str, int]) -> tuple[int | None, list[dict[str, Any]]]:
+    """MACs of one forward pass and the output shapes; (None, []) if the forward pass fails."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from edgekit.runtimes.torch_eager import call_module
+    from edgekit.runtimes.torch_eager import call_module, flatten_outputs
 
-    params = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
-    feeds = {s.name: torch.from_numpy(s.random({**dims, **_batch1(s)})) for s in inputs}
+    names = [s.name for s in specs]
+    feeds = {s.name: torch.from_numpy(s.random(dims)) for s in specs}
+    was_training = module.training
+    module.eval()
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        call_module(module, feeds, [s.name for s in inputs])
-    ops = Counter(type(m).__name__ for m in module.modules() if not list(m.children()))
-    return {"params": int(params), "macs": int(counter.get_total_flops() // 2), "ops": dict(ops.most_common())}
-
-
-def _batch1(spec) -> dict[str, int]:
-    first = spec.shape[0]
-    return {first: 1} if isinstance(first, str) else {}
+    try:
+        with torch.no_grad(), counter:
+            out = call_module(module, feeds, names)
+        flat = flatten_outputs(out)
+    except Exception:  # e.g. an op the counter cannot trace; the rest of the profile still stands
+        return None, []
+    finally:
+        module.train(was_training)
+    outputs = [
+        {"name": f"output_{i}" if len(flat) > 1 else "output", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        for i, t in enumerate(flat)
+    ]
+    return int(counter.get_total_flops() // 2), outputs
 
 
 # -- onnx ----------------------------------------------------------------------
 
-def _onnx_profile(path: Path, dims: dict[str, int]) -> dict[str, Any]:
+def _load_onnx(path: Path):
     import onnx
-    from onnx import numpy_helper, shape_inference
 
-    model = onnx.load(str(path), load_external_data=False)
-    params = sum(math.prod(t.dims) for t in model.graph.initializer)
-    ops: Counter = Counter()
-    _count_ops(model.graph, ops)
-    # Fix named dims so shape inference gives concrete sizes (batch 1 for the first dim).
-    for i, inp in enumerate(model.graph.input):
-        for k, d in enumerate(inp.type.tensor_type.shape.dim):
-            if d.dim_param or not d.HasField("dim_value"):
-                size = 1 if k == 0 else int(dims.get(d.dim_param, 1))
-                d.Clear()
-                d.dim_value = size
     try:
-        inferred = shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        inferred = model
-    shapes = _shapes(inferred)
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    macs, partial = 0, False
-    for node in inferred.graph.node:
-        m = _node_macs(node, shapes)
-        if m is None:
-            partial = partial or node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-            continue
-        macs += m
-    out = {"params": int(params), "macs": int(macs), "ops": dict(ops.most_common())}
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # DecodeError, or any other parse failure
+        raise UserError(f"{path} is not an ONNX model ({type(e).__name__}); pass a .onnx file (e.g. one exported by edgekit) or zoo:NAME") from None
+    if not model.graph.node and not model.graph.input:
+        raise UserError(f"{path} is not an ONNX model (it has no graph); pass a .onnx file (e.g. one exported by edgekit) or zoo:NAME")
+    return model
+
+
+def _onnx_profile(model, specs: list[TensorSpec], dims: dict[str, int]) -> dict[str, Any]:
+    ops: Counter = Counter()
+    for g in _graphs(model.graph):
+        ops.update(n.op_type for n in g.node)
+    macs, partial = onnx_macs(model, specs, dims)
+    info = {"params": onnx_params(model), "macs": macs, "ops": dict(ops.most_common())}
     if partial:
-        out["macs_partial"] = True
-    return out
+        info["macs_partial"] = True
+    return info
 
 
-def _count_ops(graph, ops: Counter) -> None:
+def _graphs(graph):
+    """The graph and every subgraph nested in its nodes (If, Loop, Scan bodies)."""
+    yield graph
     for node in graph.node:
-        ops[node.op_type] += 1
         for attr in node.attribute:
-            if attr.g is not None and attr.g.node:
-                _count_ops(attr.g, ops)
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
             for g in attr.graphs:
-                _count_ops(g, ops)
+                yield from _graphs(g)
 
 
-def _shapes(model) -> dict[str, list[int]]:
-    out = {}
-    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        dims = vi.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            out[vi.name] = [d.dim_value for d in dims]
-    return out
+def _is_weight(t) -> bool:
+    # Scalars are quantization scales / zero points or constants, not learned weights.
+    return t.data_type not in _NON_WEIGHT_TYPES and math.prod(t.dims) > 1
 
 
-def _node_macs(node, shapes) -> int | None:
+def onnx_params(model) -> int:
+    """Elements of weight-like initializers and Constant tensors, in all (sub)graphs."""
+    total = 0
+    for g in _graphs(model.graph):
+        total += sum(math.prod(t.dims) for t in g.initializer if _is_weight(t))
+        for node in g.node:
+            if node.op_type != "Constant":
+                continue
+            for attr in node.attribute:
+                if attr.name == "value" and _is_weight(attr.t):
+                    total += math.prod(attr.t.dims)
+                elif attr.name == "value_floats" and len(attr.floats) > 1:
+                    total += len(attr.floats)
+    return int(total)
+
+
+def onnx_macs(model, specs: list[TensorSpec] | None = None, dims: dict[str, int] | None = None) -> tuple[int | None, bool]:
+    """(MACs of one batch-1 run, partial?) from the graph's inferred shapes.
+
+    Named dims come from ``specs`` / ``dims`` (the first dim is the batch: 1);
+    names that are still unknown become 1.
+    """
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    _fix_input_dims(g, specs or [], _batch1_dims(specs or [], dims or {}))
+    # Shapes the exporter wrote with symbolic dims would clash with the now-concrete ones.
+    del g.value_info[:]
+    for vi in g.output:
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+    try:
+        m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception:  # count what the declared shapes allow
+        pass
+    shapes = _known_shapes(m.graph)
+    total, partial, counted_any, mac_nodes = 0, False, False, 0
+    local_fns = {(f.domain, f.name) for f in m.functions if any(n.op_type in _COUNTED_OPS | _UNCOUNTED_MAC_OPS for n in f.node)}
+    for node in m.graph.node:
+        if node.op_type in _COUNTED_OPS:
+            mac_nodes += 1
+            n = _node_macs(node, shapes)
+            if n is None:
+                partial = True
+            else:
+                total += n
+                counted_any = True
+        elif node.op_type in _UNCOUNTED_MAC_OPS or (node.domain, node.op_type) in local_fns:
+            partial = True
+        elif any(o.op_type in _COUNTED_OPS | _UNCOUNTED_MAC_OPS for sub in _subgraphs(node) for sg in _graphs(sub) for o in sg.node):
+            partial = True  # loop bodies run an unknown number of times
+    if mac_nodes and not counted_any:
+        return None, True
+    return int(total), partial
+
+
+def _subgraphs(node):
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
+
+
+def _fix_input_dims(graph, specs: list[TensorSpec], dims: dict[str, int]) -> None:
+    by_name = {s.name: s for s in specs}
+    initializers = {t.name for t in graph.initializer}
+    for vi in graph.input:
+        if vi.name in initializers or not vi.type.HasField("tensor_type"):
+            continue
+        spec = by_name.get(vi.name)
+        dim_list = vi.type.tensor_type.shape.dim
+        concrete = spec.concrete_shape(dims) if spec is not None and len(spec.shape) == len(dim_list) else None
+        for k, d in enumerate(dim_list):
+            if d.HasField("dim_value"):
+                continue
+            if k == 0:
+                size = 1
+            elif concrete is not None:
+                size = concrete[k]
+            else:
+                size = int(dims.get(d.dim_param, 1))
+            d.dim_value = size  # replaces dim_param (a oneof)
+
+
+def _known_shapes(graph) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is not None and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = [d.dim_value for d in tt.shape.dim]
+    for t in graph.initializer:
+        shapes[t.name] = list(t.dims)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    shapes[node.output[0]] = list(attr.t.dims)
+    return shapes
+
+
+def _attr(node, name: str, default: Any = None) -> Any:
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _node_macs(node, shapes: dict[str, list[int]]) -> int | None:
+    """MACs of one node, or None when a shape it needs is unknown."""
     op = node.op_type
-    if op in ("Conv", "ConvTranspose"):
-        out = shapes.get(node.output[0])
-        w = shapes.get(node.input[1])
-        if not out or not w:
+
+    def shape(i: int, outputs: bool = False) -> list[int] | None:
+        names = node.output if outputs else node.input
+        return shapes.get(names[i]) if i < len(names) and names[i] else None
+
+    if op in _CONV_OPS:  # each output element: Cin/group * kH * kW MACs
+        _, wi = _CONV_OPS[op]
+        out, w = shape(0, outputs=True), shape(wi)
+        return math.prod(out) * math.prod(w[1:]) if out and w else None
+    if op == "ConvTranspose":  # each input element is scattered through Cout/group * kH * kW weights
+        x, w = shape(0), shape(1)
+        return math.prod(x) * math.prod(w[1:]) if x and w else None
+    if op in _GEMM_OPS:
+        a, b = shape(0), shape(1)
+        if not a or not b:
             return None
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if op == "Conv":  # each output element: Cin/group * kH * kW MACs
-            return math.prod(out) * math.prod(w[1:])
-        x = shapes.get(node.input[0])
-        return math.prod(x) * math.prod(w[1:]) if x else None
-    if op in ("Gemm", "MatMul"):
-        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
-        out = shapes.get(node.output[0])
-        if not a or not out:
-            return None
-        k = a[-1]
-        if op == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute):
-            k = a[0]
-        return math.prod(out) * k
+        m_, k = (a[1], a[0]) if _attr(node, "transA", 0) else (a[0], a[1])
+        n = b[0] if _attr(node, "transB", 0) else b[1]
+        return m_ * n * k
+    if op in _MATMUL_OPS:
+        ai, bi = _MATMUL_OPS[op]
+        return _matmul_macs(shape(ai), shape(bi))
+    if op == "Einsum":
+        eq = _attr(node, "equation", "")
+        return _einsum_macs(eq.decode() if isinstance(eq, bytes) else eq, [shapes.get(i) for i in node.input])
     return 0
+
+
+def _matmul_macs(a: list[int] | None, b: list[int] | None) -> int | None:
+    """numpy matmul semantics: 1-D operands are promoted, leading dims broadcast."""
+    if not a or not b:
+        return None
+    a2 = [1, *a] if len(a) == 1 else a
+    b2 = [*b, 1] if len(b) == 1 else b
+    batch = _broadcast(a2[:-2], b2[:-2])
+    return math.prod(batch) * a2[-2] * a2[-1] * b2[-1]
+
+
+def _broadcast(*shapes: list[int]) -> list[int]:
+    rank = max((len(s) for s in shapes), default=0)
+    padded = [[1] * (rank - len(s)) + list(s) for s in shapes]
+    return [max(col) for col in zip(*padded)] if rank else []
+
+
+def _einsum_macs(equation: str, operand_shapes: list[list[int] | None]) -> int | None:
+    """A naive contraction's MACs: the product of every index's size (0 for one operand)."""
+    if any(s is None for s in operand_shapes):
+        return None
+    terms = equation.replace(" ", "").split("->")[0].split(",")
+    if len(terms) != len(operand_shapes):
+        return None
+    if len(terms) < 2:
+        return 0
+    sizes: dict[str, int] = {}
+    ellipses: list[list[int]] = []
+    for term, shp in zip(terms, operand_shapes):
+        if "..." in term:
+            before, after = term.split("...")
+            n_ell = len(shp) - len(before) - len(after)
+            ellipses.append(shp[len(before):len(before) + n_ell])
+            letters = list(before) + [None] * n_ell + list(after)
+        else:
+            letters = list(term)
+        if len(letters) != len(shp):
+            return None
+        for ch, size in zip(letters, shp):
+            if ch is not None:
+                sizes[ch] = max(sizes.get(ch, 1), size)
+    return math.prod(sizes.values()) * math.prod(_broadcast(*ellipses) if ellipses else [])
 
 
 # -- inspect -------------------------------------------------------------------
 
 def inspect_target(target: str) -> dict[str, Any]:
+    """What ``edgekit inspect`` shows for an ONNX file, a saved artifact folder or zoo:NAME."""
     if target.startswith("zoo:"):
-        return _inspect_zoo(target[4:])
-    path = Path(target.removeprefix("onnx:"))
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; give an .onnx file or zoo:NAME")
+        name = target[4:].strip()
+        if not name:
+            raise UserError("zoo: needs a model name, e.g. zoo:digits_cnn; list them with edgekit models")
+        return _inspect_zoo(name)
+    path = Path(target.removeprefix("onnx:")).expanduser()
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass the path of a .onnx file, a step's artifact folder, or zoo:NAME")
+    if path.is_dir():
+        return _inspect_artifact(path)
     return _inspect_onnx(path)
 
 
-def _inspect_onnx(path: Path) -> dict[str, Any]:
+def _tensor_info(vi) -> dict[str, Any]:
     import onnx
 
+    tt = vi.type.tensor_type
+    shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise UserError(f"{path} is not an ONNX model ({type(e).__name__}); give an .onnx file or zoo:NAME") from None
-    if not model.graph.node:
-        raise UserError(f"{path} is not an ONNX model (no graph nodes); give an .onnx file or zoo:NAME")
-    init = {i.name for i in model.graph.initializer}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+    except Exception:
+        dtype = onnx.TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else "?"
+    return {"name": vi.name, "shape": shape, "dtype": dtype}
 
-    def desc(vi) -> dict[str, Any]:
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-        return {"name": vi.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "?"}
 
-    prof = _onnx_profile(path, {})
+def _onnx_file_bytes(path: Path, model) -> int:
+    """The file plus any external data files its tensors point to."""
+    extra: set[str] = set()
+    for g in _graphs(model.graph):
+        for t in g.initializer:
+            if t.data_location == 1:  # TensorProto.EXTERNAL
+                extra.update(e.value for e in t.external_data if e.key == "location")
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in extra if (path.parent / f).is_file())
+
+
+def _inspect_onnx(path: Path, specs: list[TensorSpec] | None = None, dims: dict[str, int] | None = None) -> dict[str, Any]:
+    model = _load_onnx(path)
+    initializers = {t.name for t in model.graph.initializer}
+    producer = f"{model.producer_name} {model.producer_version}".strip()
     return {
         "target": str(path),
         "format": "onnx",
-        "inputs": [desc(i) for i in model.graph.input if i.name not in init],
-        "outputs": [desc(o) for o in model.graph.output],
+        "inputs": [_tensor_info(i) for i in model.graph.input if i.name not in initializers],
+        "outputs": [_tensor_info(o) for o in model.graph.output],
+        **_onnx_profile(model, specs or [], dims or {}),
+        "size_bytes": _onnx_file_bytes(path, model),
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-        "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "size_bytes": path.stat().st_size,
+        "ir_version": model.ir_version,
+        "producer": producer or None,
+    }
+
+
+def _torch_info(target: str, module, specs: list[TensorSpec], dims: dict[str, int], size: int) -> dict[str, Any]:
+    prof = _torch_profile(module, specs, dims)
+    return {
+        "target": target,
+        "format": "torch",
+        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
+        "outputs": prof.pop("outputs"),
         **prof,
+        "size_bytes": size,
     }
 
 
 def _inspect_zoo(name: str) -> dict[str, Any]:
+    from edgekit.artifact import torch_state_bytes
     from edgekit.models import create_model, model_info
 
-    info = model_info(name)
+    info = model_info(name)  # UserError with the nearest name
     module = create_model(name).eval()
-    prof = _torch_profile(module, info.inputs, info.dims)
-    return {
-        "target": f"zoo:{name}",
-        "format": "torch",
-        "description": info.description,
-        "task": info.task,
-        "inputs": [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in info.inputs],
-        "outputs": [],
-        "size_bytes": torch_state_bytes(module),
-        **prof,
-    }
+    result = _torch_info(f"zoo:{name}", module, info.inputs, dict(info.dims or {}), torch_state_bytes(module))
+    result.update(description=info.description or None, task=info.task)
+    return result
+
+
+def _inspect_artifact(folder: Path) -> dict[str, Any]:
+    if not (folder / ARTIFACT_FILE).is_file() and (folder / "artifact" / ARTIFACT_FILE).is_file():
+        folder = folder / "artifact"  # a step folder: look inside
+    artifact = Artifact.load(folder)  # UserError if not an artifact folder
+    dims = dict(artifact.meta.get("dims", {}))
+    if artifact.format == "onnx":
+        result = _inspect_onnx(artifact.path("model"), artifact.inputs, dims)
+    elif artifact.format == "torch":
+        result = _torch_info(str(folder), artifact.torch_module(), artifact.inputs, dims, artifact.size_bytes())
+    else:
+        result = {"target": str(folder), "format": artifact.format, "size_bytes": artifact.size_bytes(), "ops": {}}
+    result.update(task=artifact.task, lineage=[step["pass"] for step in artifact.lineage])
+    return result
 
 
 def format_inspect(info: dict[str, Any]):
-    """A rich renderable of an inspect result."""
+    """A rich renderable of an ``inspect_target`` result."""
+    from rich import box
     from rich.console import Group
     from rich.table import Table
 
-    head = Table(show_header=False, box=None)
+    from edgekit.report import human_bytes, human_count
+
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_column(style="bold")
+    head.add_column()
     head.add_row("model", info["target"])
     head.add_row("format", info["format"])
-    for key in ("description", "producer", "opset"):
+    for key in ("description", "task", "producer"):
         if info.get(key):
             head.add_row(key, str(info[key]))
-    head.add_row("params", f"{info['params']:,}" if info.get("params") is not None else "–")
+    if info.get("opset"):
+        head.add_row("opset", ", ".join(f"{d} {v}" for d, v in info["opset"].items()))
+    if info.get("lineage"):
+        head.add_row("lineage", " → ".join(info["lineage"]))
+    params = info.get("params")
+    head.add_row("params", f"{human_count(params)} ({params:,})" if params is not None else "–")
     macs = info.get("macs")
-    head.add_row("MACs (batch 1)", (f"{macs:,}" + (" (partial)" if info.get("macs_partial") else "")) if macs is not None else "–")
-    head.add_row("size", f"{info['size_bytes'] / 1e6:.3f} MB")
-    io = Table(title="inputs and outputs")
+    macs_text = f"{human_count(macs)} ({macs:,})" if macs is not None else "–"
+    if info.get("macs_partial"):
+        macs_text += " [yellow]partial: some shapes unknown[/yellow]"
+    head.add_row("MACs (batch 1)", macs_text)
+    head.add_row("size", human_bytes(info.get("size_bytes")))
+
+    io = Table(title="inputs and outputs", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("", "name", "shape", "dtype"):
         io.add_column(col)
     for kind in ("inputs", "outputs"):
-        for t in info.get(kind, []):
-            io.add_row(kind[:-1], t["name"], str(t["shape"]), t["dtype"])
-    ops = Table(title="ops" if info["format"] == "onnx" else "modules")
+        for t in info.get(kind) or []:
+            io.add_row(kind[:-1], t["name"], "[" + ", ".join(str(d) for d in t["shape"]) + "]", t["dtype"])
+
+    ops = Table(title="ops" if info["format"] == "onnx" else "modules (leaf)", box=box.SIMPLE_HEAD, title_justify="left")
     ops.add_column("op")
     ops.add_column("count", justify="right")
-    for op, n in info.get("ops", {}).items():
+    for op, n in (info.get("ops") or {}).items():
         ops.add_row(op, str(n))
     return Group(head, io, ops)

@@ -192,7 +192,9 @@ def package_path(spec: str) -> Path:
 
 
 class _StepError(ValueError):
-    def __init__(self, path: str, message: str):
+    """A step error whose message is complete (path=None) or needs ``path: `` in front."""
+
+    def __init__(self, path: str | None, message: str):
         super().__init__(message)
         self.path = path
 
@@ -221,7 +223,7 @@ def parse_steps(raw: Any, kind: str) -> list[Step]:
         try:
             config = cls_.Config.model_validate(cfg or {})
         except ValidationError as e:
-            raise _StepError(f"{path}.{name}", _format_validation(e, cls_.Config)) from None
+            raise _StepError(None, _format_validation(e, cls_.Config, prefix=f"{path}.{name}")) from None
         steps.append(Step(kind=kind, name=full, config=config, path=f"{path}.{name}"))
     return steps
 
@@ -255,15 +257,17 @@ def recipe_from_dict(raw: dict[str, Any], base_dir: Path = Path("."), origin: st
         raise UserError(f"{origin}: {_format_validation(e, Recipe)}") from None
 
 
-def _format_validation(err: ValidationError, root: type[BaseModel]) -> str:
+def _format_validation(err: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
     """One line for the first (root-cause) error: its YAML path and the fix."""
     e = err.errors()[0]
     loc = list(e["loc"])
     ctx = e.get("ctx") or {}
     inner = ctx.get("error")
     if isinstance(inner, _StepError):
-        return f"{inner.path}: {inner}"
+        return str(inner) if inner.path is None else f"{inner.path}: {inner}"
     path = _yaml_path(loc)
+    if prefix:
+        path = prefix if path == "(top level)" else prefix + ("" if path.startswith("[") else ".") + path
     if e["type"] == "extra_forbidden":
         fields = _fields_at(root, loc[:-1])
         hint = suggest(str(loc[-1]), fields) if fields else ""

@@ -133,24 +133,28 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = report.get("steps", [])
-    points = []
+    points: dict[tuple[str, str], tuple] = {}
     for s in steps:
         met = s.get("metrics", {})
         acc = met.get("accuracy")
         for b in met.get("bench", []):
-            if b["batch_size"] == 1 and acc:
-                points.append((s["id"], b["runtime"], b["threads"], b["latency_ms"]["p50"], acc["value"], met.get("size_bytes") or 0, acc["metric"]))
+            if b["batch_size"] != 1 or not acc:
+                continue
+            key = (s["id"], b["runtime"])
+            lat = b["latency_ms"]["p50"]
+            if key not in points or lat < points[key][2]:  # the best thread count per step and runtime
+                points[key] = (s["id"], b["runtime"], lat, acc["value"], met.get("size_bytes") or 0, acc["metric"], b["threads"])
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     if points:
-        biggest = max(p[5] for p in points) or 1
-        for sid, rt, thr, lat, acc, size, metric in points:
-            ax.scatter(lat, acc, s=60 + 600 * size / biggest, alpha=0.6)
-            ax.annotate(f"{sid}\n{rt} {thr}t", (lat, acc), fontsize=7, xytext=(6, 4), textcoords="offset points")
+        biggest = max(p[4] for p in points.values()) or 1
+        for sid, rt, lat, acc, size, metric, thr in points.values():
+            ax.scatter(lat, acc, s=40 + 400 * size / biggest, alpha=0.65, label=f"{sid} · {rt} ({thr} thr)")
         ax.set_xscale("log")
-        ax.set_xlabel("p50 latency at batch 1 (ms, log scale)")
-        ax.set_ylabel(points[0][6])
-        ax.set_title(f"{report.get('name', '')}: accuracy vs. latency (marker area ~ model size)")
+        ax.set_xlabel("p50 latency at batch 1, best thread count (ms, log scale)")
+        ax.set_ylabel(next(iter(points.values()))[5])
+        ax.set_title(f"{report.get('name', '')}: accuracy vs. latency (marker area ~ model size)", pad=12)
         ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best", markerscale=0.5)
     else:
         ids = [s["id"] for s in steps]
         sizes = [(s.get("metrics", {}).get("size_bytes") or 0) / 1e6 for s in steps]

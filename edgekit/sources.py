@@ -89,6 +89,8 @@ def _torch_file(model: ModelSection, resolve) -> Artifact:
     if not path.is_file():
         raise UserError(f"model.source: {path} does not exist; check the path (relative paths start at the recipe's folder)")
     zoo = _zoo(model.model_copy(update={"source": f"zoo:{model.arch}"}), resolve)
+    if not _looks_like_torch_file(path):
+        raise UserError(f"model.source: {path} is not a torch state dict file; save one with torch.save(model.state_dict(), path)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -112,6 +114,15 @@ def _torch_file(model: ModelSection, resolve) -> Artifact:
         raise UserError(f"model.source: {path} does not fit model.arch {model.arch} ({'; '.join(parts)}); pick the architecture it was trained with")
     zoo.meta["source"] = model.source
     return zoo
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, in the legacy format, a pickle stream)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
 
 
 # -- ONNX ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from typing import Literal
 
 from pydantic import Field
@@ -61,11 +62,12 @@ class ExportOnnx(Pass):
                 for o in outputs:
                     dynamic_axes[o] = {0: first}
         path = ctx.workdir / MODEL_FILE
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, warnings.catch_warnings():
             try:
                 if cfg.exporter == "dynamo":
                     self._dynamo(module, args, tmp, names, outputs, cfg)
                 else:
+                    warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter is supported, just no longer default
                     torch.onnx.export(
                         module, args, str(tmp), dynamo=False, opset_version=cfg.opset, input_names=names,
                         output_names=outputs, dynamic_axes=dynamic_axes or None, do_constant_folding=True,

@@ -87,10 +87,9 @@ def test_state_dict_of_other_architecture(tmp_path, capsys):
 def test_pickled_object_is_refused(tmp_path, capsys):
     import torch
 
-    class Payload:
-        pass
+    from tests.factories import NotATensor
 
-    torch.save({"x": Payload()}, tmp_path / "weights.pt")
+    torch.save({"x": NotATensor()}, tmp_path / "weights.pt")
     text = "name: bad\nmodel: {source: torch:weights.pt, arch: digits_cnn}\n"
     code, err, run_dir = compress(tmp_path, text, capsys)
     assert_user_error(code, err, "objects other than tensors")
