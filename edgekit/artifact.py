@@ -191,6 +191,8 @@ def torch_state_bytes(module) -> int:
     seen: set[int] = set()
     total = 0
     for t in list(module.state_dict(keep_vars=False).values()):
+        if not hasattr(t, "numel"):  # quantized modules keep dtypes and other metadata here
+            continue
         key = t.untyped_storage().data_ptr() if t.numel() else id(t)
         if key in seen:
             continue

@@ -79,7 +79,7 @@ def recipe_schema() -> None:
 @click.argument("target")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect(target: str, as_json: bool) -> None:
-    """Show inputs, outputs, params, MACs, ops and size of an ONNX file or zoo:NAME."""
+    """Show inputs, outputs, params, MACs, ops and size of an ONNX file, a saved step/artifact folder, or zoo:NAME."""
     from edgekit.profile import format_inspect, inspect_target
 
     info = inspect_target(target)

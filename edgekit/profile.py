@@ -1,7 +1,7 @@
 """The profile probe and ``edgekit inspect``: params, MACs, op histogram, size.
 
-Torch MACs come from PyTorch's FLOP counter on one batch-1 forward pass (FLOPs
-// 2). ONNX MACs come from the graph itself: named dims are fixed to concrete
+Torch MACs come from PyTorch's FLOP counter on one batch-1 forward pass (MACs =
+FLOPs / 2). ONNX MACs come from the graph itself: named dims are fixed to concrete
 sizes, shapes are inferred, and Conv, ConvTranspose, Gemm, MatMul (and their
 integer / QLinear forms) and Einsum are counted. A node whose shapes stay
 unknown is skipped and the result is marked ``macs_partial``.
@@ -56,10 +56,35 @@ def _batch1_dims(specs: list[TensorSpec], dims: dict[str, int]) -> dict[str, int
 # -- torch ---------------------------------------------------------------------
 
 def _torch_profile(module, specs: list[TensorSpec], dims: dict[str, int]) -> dict[str, Any]:
-    params = sum(p.numel() for p in module.parameters())  # parameters() skips shared ones
-    ops = Counter(type(m).__name__ for m in module.modules() if next(m.children(), None) is None)
+    params = sum(p.numel() for p in module.parameters()) + _packed_params(module)  # parameters() skips shared ones
+    ops = Counter(type(m).__name__ for m in module.modules() if _is_leaf(m))
     macs, outputs = _torch_macs(module, specs, _batch1_dims(specs, dims))
+    if macs == 0 and any(("Conv" in op or "Linear" in op) for op in ops):
+        macs = None  # e.g. packed int8 kernels the counter does not see: unknown, not zero
     return {"params": int(params), "macs": macs, "ops": dict(ops.most_common()), "outputs": outputs}
+
+
+def _is_leaf(m) -> bool:
+    # a quantized Linear keeps its int8 weights in a *PackedParams child; it is still one layer
+    return all(type(c).__name__.endswith("PackedParams") for c in m.children()) and not type(m).__name__.endswith("PackedParams")
+
+
+def _packed_params(module) -> int:
+    """Elements of int8 weights and biases that quantized modules keep packed, outside parameters()."""
+    import torch
+
+    total = 0
+    for m in module.modules():
+        for name in ("weight", "bias"):
+            getter = getattr(m, name, None)
+            if callable(getter) and not isinstance(getter, torch.Tensor):
+                try:
+                    t = getter()
+                except Exception:  # a method with another meaning: not a packed tensor
+                    continue
+                if isinstance(t, torch.Tensor):
+                    total += t.numel()
+    return total
 
 
 def _torch_macs(module, specs: list[TensorSpec], dims: dict[str, int]) -> tuple[int | None, list[dict[str, Any]]]:
@@ -163,29 +188,70 @@ def onnx_macs(model, specs: list[TensorSpec] | None = None, dims: dict[str, int]
     for vi in g.output:
         if vi.type.HasField("tensor_type"):
             vi.type.tensor_type.ClearField("shape")
+    shapes = _known_shapes(_infer_shapes(m).graph)
+    total, unknown, mac_nodes = _count_macs(m, shapes)
+    if unknown:
+        # onnx's inference loses dims behind shape arithmetic (Shape -> Slice, as in exported
+        # transformers); ONNX Runtime's symbolic inference resolves those, at a few seconds' cost.
+        resolved = _symbolic_shapes(m)
+        if resolved is not None:
+            total, unknown, mac_nodes = _count_macs(m, {**shapes, **_known_shapes(resolved.graph)})
+    partial = unknown > 0 or _has_uncounted_macs(m)
+    if mac_nodes and unknown == mac_nodes:
+        return None, True
+    return int(total), partial
+
+
+def _infer_shapes(model):
+    import onnx
+
     try:
-        m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # count what the declared shapes allow
-        pass
-    shapes = _known_shapes(m.graph)
-    total, partial, counted_any, mac_nodes = 0, False, False, 0
-    local_fns = {(f.domain, f.name) for f in m.functions if any(n.op_type in _COUNTED_OPS | _UNCOUNTED_MAC_OPS for n in f.node)}
-    for node in m.graph.node:
+        return model
+
+
+def _symbolic_shapes(model):
+    """ONNX Runtime's symbolic shape inference, driven step by step: its one-call
+    ``infer_shapes`` throws away a partial result and writes a temp file into the cwd."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        sym = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
+        sym._preprocess(model)
+        while sym.run_:
+            sym._infer_impl()
+        sym._update_output_from_vi()
+        return sym.out_mp_
+    except Exception:  # not installed, its internals changed, or an op it cannot take: stay partial
+        return None
+
+
+def _count_macs(model, shapes: dict[str, list[int]]) -> tuple[int, int, int]:
+    """(MACs of the countable nodes, nodes skipped for unknown shapes, countable nodes) of the main graph."""
+    total = unknown = mac_nodes = 0
+    for node in model.graph.node:
         if node.op_type in _COUNTED_OPS:
             mac_nodes += 1
             n = _node_macs(node, shapes)
             if n is None:
-                partial = True
+                unknown += 1
             else:
                 total += n
-                counted_any = True
-        elif node.op_type in _UNCOUNTED_MAC_OPS or (node.domain, node.op_type) in local_fns:
-            partial = True
-        elif any(o.op_type in _COUNTED_OPS | _UNCOUNTED_MAC_OPS for sub in _subgraphs(node) for sg in _graphs(sub) for o in sg.node):
-            partial = True  # loop bodies run an unknown number of times
-    if mac_nodes and not counted_any:
-        return None, True
-    return int(total), partial
+    return total, unknown, mac_nodes
+
+
+def _has_uncounted_macs(model) -> bool:
+    """Ops that multiply-accumulate but are not counted: RNNs, fused contrib ops, local
+    functions and control-flow bodies (which run an unknown number of times)."""
+    mac_ops = _COUNTED_OPS | _UNCOUNTED_MAC_OPS
+    local_fns = {(f.domain, f.name) for f in model.functions if any(n.op_type in mac_ops for n in f.node)}
+    for node in model.graph.node:
+        if node.op_type in _UNCOUNTED_MAC_OPS or (node.domain, node.op_type) in local_fns:
+            return True
+        if any(o.op_type in mac_ops for sub in _subgraphs(node) for g in _graphs(sub) for o in g.node):
+            return True
+    return False
 
 
 def _subgraphs(node):
@@ -373,6 +439,10 @@ def _inspect_onnx(path: Path, specs: list[TensorSpec] | None = None, dims: dict[
 
 def _torch_info(target: str, module, specs: list[TensorSpec], dims: dict[str, int], size: int) -> dict[str, Any]:
     prof = _torch_profile(module, specs, dims)
+    batch = specs[0].shape[0] if specs and specs[0].shape else None
+    for out in prof["outputs"]:  # outputs follow the inputs' named batch dim (as the ONNX export assumes)
+        if isinstance(batch, str) and out["shape"][:1] == [1]:
+            out["shape"][0] = batch
     return {
         "target": target,
         "format": "torch",
@@ -413,6 +483,7 @@ def format_inspect(info: dict[str, Any]):
     """A rich renderable of an ``inspect_target`` result."""
     from rich import box
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
     from edgekit.report import human_bytes, human_count
@@ -420,15 +491,15 @@ def format_inspect(info: dict[str, Any]):
     head = Table(show_header=False, box=None, pad_edge=False)
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("model", info["target"])
+    head.add_row("model", escape(str(info["target"])))
     head.add_row("format", info["format"])
     for key in ("description", "task", "producer"):
         if info.get(key):
-            head.add_row(key, str(info[key]))
+            head.add_row(key, escape(str(info[key])))
     if info.get("opset"):
         head.add_row("opset", ", ".join(f"{d} {v}" for d, v in info["opset"].items()))
     if info.get("lineage"):
-        head.add_row("lineage", " → ".join(info["lineage"]))
+        head.add_row("lineage", escape(" → ".join(info["lineage"])))
     params = info.get("params")
     head.add_row("params", f"{human_count(params)} ({params:,})" if params is not None else "–")
     macs = info.get("macs")
@@ -443,11 +514,12 @@ def format_inspect(info: dict[str, Any]):
         io.add_column(col)
     for kind in ("inputs", "outputs"):
         for t in info.get(kind) or []:
-            io.add_row(kind[:-1], t["name"], "[" + ", ".join(str(d) for d in t["shape"]) + "]", t["dtype"])
+            shape = "[" + ", ".join(str(d) for d in t["shape"]) + "]"
+            io.add_row(kind[:-1], escape(t["name"]), escape(shape), escape(str(t["dtype"])))
 
     ops = Table(title="ops" if info["format"] == "onnx" else "modules (leaf)", box=box.SIMPLE_HEAD, title_justify="left")
     ops.add_column("op")
     ops.add_column("count", justify="right")
     for op, n in (info.get("ops") or {}).items():
-        ops.add_row(op, str(n))
+        ops.add_row(escape(op), str(n))
     return Group(head, io, ops)
