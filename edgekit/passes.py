@@ -52,6 +52,7 @@ class PassContext:
     metrics: dict[str, Any] = field(default_factory=dict)  # filled by the pass; lands in the report
     samples: Callable[[int], list[dict[str, Any]]] | None = None  # n batch-1 feed dicts (real data if any)
     source: Artifact | None = None  # the artifact this step reads
+    path: str = ""  # the step's YAML path (e.g. export[0].onnx), for messages
 
 
 class Pass(ABC):

@@ -207,6 +207,7 @@ class Pipeline:
                 progress=self.out.track,
                 log=self.out.log,
                 samples=self._samples,
+                path=step.path if step else "",
             )
             artifact = run(ctx)
             ctx.source = artifact

@@ -72,7 +72,7 @@ class OnnxRuntime(Runtime):
             raise UserError(f"graph_optimization {level!r} is not one of {', '.join(_LEVELS)}")
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # our one-line errors already say what ORT would print
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
