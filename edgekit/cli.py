@@ -78,11 +78,18 @@ def recipe_schema() -> None:
 @cli.command()
 @click.argument("target")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def inspect(target: str, as_json: bool) -> None:
+@click.option("--dim", "dim_items", multiple=True, metavar="NAME=SIZE", help="Size of a named dynamic dim for the MAC count, e.g. --dim seq=128 (others count as 1).")
+def inspect(target: str, as_json: bool, dim_items: tuple[str, ...]) -> None:
     """Show inputs, outputs, params, MACs, ops and size of an ONNX file, a saved step/artifact folder, or zoo:NAME."""
     from edgekit.profile import format_inspect, inspect_target
 
-    info = inspect_target(target)
+    dims = {}
+    for item in dim_items:
+        name, _, size = item.partition("=")
+        if not name or not size.isdigit():
+            raise click.BadParameter(f"{item!r} must look like NAME=SIZE, e.g. seq=128", param_hint="--dim")
+        dims[name] = int(size)
+    info = inspect_target(target, dims)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:

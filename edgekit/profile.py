@@ -383,8 +383,12 @@ def _einsum_macs(equation: str, operand_shapes: list[list[int] | None]) -> int |
 
 # -- inspect -------------------------------------------------------------------
 
-def inspect_target(target: str) -> dict[str, Any]:
-    """What ``edgekit inspect`` shows for an ONNX file, a saved artifact folder or zoo:NAME."""
+def inspect_target(target: str, dims: dict[str, int] | None = None) -> dict[str, Any]:
+    """What ``edgekit inspect`` shows for an ONNX file, a saved artifact folder or zoo:NAME.
+
+    ``dims`` sizes named dynamic dims (e.g. seq) for the MAC count of an ONNX file;
+    unnamed ones count as 1.
+    """
     if target.startswith("zoo:"):
         name = target[4:].strip()
         if not name:
@@ -395,7 +399,9 @@ def inspect_target(target: str) -> dict[str, Any]:
         raise UserError(f"{path} does not exist; pass the path of a .onnx file, a step's artifact folder, or zoo:NAME")
     if path.is_dir():
         return _inspect_artifact(path)
-    return _inspect_onnx(path)
+    info = _inspect_onnx(path, dims=dims)
+    info["dims"] = dict(dims or {})
+    return info
 
 
 def _tensor_info(vi) -> dict[str, Any]:
@@ -506,7 +512,8 @@ def format_inspect(info: dict[str, Any]):
     macs_text = f"{human_count(macs)} ({macs:,})" if macs is not None else "–"
     if info.get("macs_partial"):
         macs_text += " [yellow]partial: some shapes unknown[/yellow]"
-    head.add_row("MACs (batch 1)", macs_text)
+    other_dims = ", ".join(f"{k}={v}" for k, v in (info.get("dims") or {}).items() if k != "batch")
+    head.add_row(f"MACs (batch 1{', ' + other_dims if other_dims else ''})", macs_text)
     head.add_row("size", human_bytes(info.get("size_bytes")))
 
     io = Table(title="inputs and outputs", box=box.SIMPLE_HEAD, title_justify="left")
