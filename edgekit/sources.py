@@ -213,8 +213,9 @@ def _hf_module(path: Path, pooling: str, normalize: bool):
 
     try:
         return HFEncoder.from_folder(path, pooling=pooling, normalize=normalize).eval()
-    except OSError as e:
-        raise UserError(f"model.source: cannot load a transformers model from {path} offline ({str(e).splitlines()[0]}); check the folder holds config.json and weights") from None
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.source: cannot load a transformers model from {path} offline ({first}); check the folder holds a valid config.json and weights") from None
 
 
 # -- python factories ------------------------------------------------------------

@@ -170,3 +170,19 @@ def test_help_is_fast_and_light():
     subprocess.run([sys.executable, "-c", code], check=True)
     proc = subprocess.run([sys.executable, "-m", "edgekit", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "compress" in proc.stdout
+
+
+def test_hf_folder_that_transformers_cannot_load(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    code, err, run_dir = compress(tmp_path, "name: bad\nmodel: {source: 'hf:hf'}\n", capsys)
+    assert_user_error(code, err, "cannot load a transformers model")
+    assert not run_dir.exists()
+
+
+def test_text_data_needs_a_tokenizer(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text("a sentence\n")
+    text = TINY_DIGITS.replace("sklearn:digits", "text:corpus.txt")
+    code, err, run_dir = compress(tmp_path, text, capsys)
+    assert_user_error(code, err, "needs a tokenizer")
+    assert not run_dir.exists()
