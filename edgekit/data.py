@@ -83,6 +83,9 @@ class _Loaded:
     def __len__(self) -> int:
         return int(next(iter(self.arrays.values())).shape[0])
 
+    def split(self, name: str) -> Split:
+        return Split(name, dict(self.arrays), self.labels)
+
 
 class RecipeData:
     """The recipe's ``data:`` section, loaded lazily and validated up front."""
@@ -394,10 +397,3 @@ class RecipeData:
             raise UserError(f"{where}: the class folders of {value} hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         x = np.stack(pixels).astype(spec.dtype)
         return _Loaded({spec.name: x}, np.asarray(labels, dtype=np.int64), files)
-
-
-def _loaded_split(self: _Loaded, name: str) -> Split:
-    return Split(name, dict(self.arrays), self.labels)
-
-
-_Loaded.split = _loaded_split  # type: ignore[attr-defined]
