@@ -43,16 +43,22 @@ class TrainSupervised(Pass):
 
         cfg: TrainConfig = self.config
         if ctx.data is None:
-            raise UserError("train.supervised needs data.train; add a data: section with a labelled source")
+            raise UserError("train.supervised needs data.train; add a data: section with a labelled source (e.g. data: {source: sklearn:digits})")
+        if artifact.task != "classification":
+            raise UserError(f"train.supervised trains classifiers, but this model's task is {artifact.task}; set model.task: classification if it outputs class scores")
         split = ctx.data.split("train")
         if split.labels is None:
             raise UserError("train.supervised needs labels, but the train data has none; use a labelled source (sklearn:digits, images:DIR, npz with 'labels')")
         module = copy.deepcopy(artifact.torch_module())
         cache_file = ctx.cache_dir / "weights" / f"{ctx.key}.pt" if (cfg.cache and ctx.cache_dir and ctx.key) else None
         if cache_file is not None and cache_file.is_file():
-            module.load_state_dict(torch.load(cache_file, map_location="cpu", weights_only=True))
-            ctx.metrics["train"] = {"cached": True, "weights": str(cache_file)}
-            return artifact.derive(module=module.eval())
+            try:
+                module.load_state_dict(torch.load(cache_file, map_location="cpu", weights_only=True))
+            except Exception as e:  # a damaged or stale cache entry: train again instead of failing
+                ctx.log(f"train.supervised: ignoring cached weights {cache_file.name} ({type(e).__name__}); training again")
+            else:
+                ctx.metrics["train"] = {"cached": True, "weights": str(cache_file)}
+                return artifact.derive(module=module.eval())
 
         started = time.perf_counter()
         torch.manual_seed(ctx.seed)
@@ -61,10 +67,11 @@ class TrainSupervised(Pass):
         y = torch.from_numpy(split.labels)
         n = len(y)
         steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+        params = [p for p in module.parameters() if p.requires_grad]
         if cfg.optimizer == "adam":
-            opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            opt = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         gen = torch.Generator().manual_seed(ctx.seed)
@@ -73,12 +80,14 @@ class TrainSupervised(Pass):
             epochs = ctx.progress(epochs, description="training", total=cfg.epochs)
         module.train()
         loss_value, correct = float("nan"), 0
-        for _ in epochs:
+        for epoch in epochs:
             order = torch.randperm(n, generator=gen)
             total, correct = 0.0, 0
             for i in range(0, n, cfg.batch_size):
                 idx = order[i : i + cfg.batch_size]
-                logits = module(*[x[k][idx] for k in names])
+                logits = _logits(module(*[x[k][idx] for k in names]))
+                if epoch == 0 and i == 0:
+                    _check_classes(logits, y)
                 loss = loss_fn(logits, y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -98,7 +107,27 @@ class TrainSupervised(Pass):
             "epochs": cfg.epochs,
             "samples": n,
             "final_loss": round(loss_value, 5),
-            "train_top1": round(correct / n, 5),
+            "train_top1": round(correct / n, 5),  # running accuracy over the last epoch (train mode)
             "seconds": round(time.perf_counter() - started, 2),
         }
         return artifact.derive(module=module)
+
+
+def _logits(out):
+    """The class scores: the first tensor of a tuple / ModelOutput."""
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()[0]
+    return out
+
+
+def _check_classes(logits, labels) -> None:
+    if logits.ndim != 2:
+        raise UserError(f"train.supervised needs class scores of shape [batch, classes] but the model outputs {list(logits.shape)}; train a classifier head")
+    top = int(labels.max())
+    if top >= logits.shape[1] or int(labels.min()) < 0:
+        raise UserError(
+            f"the train labels go up to {top} but the model outputs {logits.shape[1]} classes; "
+            f"set model.args.num_classes: {top + 1} (or fix the labels)"
+        )

@@ -86,6 +86,10 @@ class _Loaded:
     def split(self, name: str) -> Split:
         return Split(name, dict(self.arrays), self.labels)
 
+    def select(self, index: np.ndarray, name: str) -> Split:
+        labels = None if self.labels is None else self.labels[index]
+        return Split(name, {k: v[index] for k, v in self.arrays.items()}, labels)
+
 
 class RecipeData:
     """The recipe's ``data:`` section, loaded lazily and validated up front."""
@@ -202,11 +206,7 @@ class RecipeData:
             raise UserError(f"data.source: {self.section.source} has {n} sample; splitting it needs at least 2 (or give data.eval.source)")
         order = np.random.default_rng(self.seed).permutation(n)
         n_eval = min(n - 1, max(1, math.ceil(n * self.section.holdout)))
-        whole = loaded.split("all")
-        pick = lambda idx, nm: Split(  # noqa: E731
-            nm, {k: v[idx] for k, v in whole.arrays.items()}, None if whole.labels is None else whole.labels[idx]
-        )
-        return pick(order[: n - n_eval], "train"), pick(order[n - n_eval :], "eval")
+        return loaded.select(order[: n - n_eval], "train"), loaded.select(order[n - n_eval :], "eval")
 
     # -- loading -----------------------------------------------------------
     def _load(self, source: str, where: str) -> _Loaded:

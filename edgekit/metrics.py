@@ -14,8 +14,12 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     """Share of samples whose highest logit is the label."""
-    pred = np.asarray(logits).reshape(len(labels), -1).argmax(axis=1)
-    return float((pred == np.asarray(labels)).mean())
+    labels = np.asarray(labels).reshape(-1)
+    logits = np.asarray(logits)
+    if logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"{logits.shape[0]} outputs but {labels.shape[0]} labels")
+    pred = logits.reshape(len(labels), -1).argmax(axis=1)
+    return float((pred == labels).mean())
 
 
 def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:

@@ -249,7 +249,7 @@ class Pipeline:
         metrics: dict[str, Any] = {}
         prof = profile_artifact(artifact, self.dims)
         metrics.update(params=prof["params"], macs=prof["macs"], size_bytes=prof["size_bytes"])
-        if self.data is not None:
+        if self.data is not None and self.data.has_split("eval"):
             metrics["accuracy"] = self._evaluate(artifact)
         if self.recipe.bench is not None:
             bench = self._bench(artifact)

@@ -66,8 +66,11 @@ def model_info(name: str) -> ModelInfo:
 
 
 def create_model(name: str, **kwargs: Any):
+    import inspect
+
     info = model_info(name)
     try:
-        return info.factory(**kwargs)
+        inspect.signature(info.factory).bind(**kwargs)
     except TypeError as e:
         raise UserError(f"zoo model {name} does not take these arguments ({e}); fix model.args") from None
+    return info.factory(**kwargs)
