@@ -1,6 +1,5 @@
 """export.onnx: dynamic axes, onnx.checker, parity verification that catches real errors."""
 
-import time
 
 import numpy as np
 import pytest
@@ -315,8 +314,7 @@ def test_minilm_exports_and_verifies(tmp_path):
     ]
     source = Artifact(format="torch", inputs=specs, outputs=["embedding"], task="embedding", module=MeanPooledMiniLM(str(gt.get_model_path())).eval())
     ctx = make_ctx(tmp_path, dims={"batch": 1, "seq": 16})
-    started = time.perf_counter()
     exported = export(source, ctx)
     v = ctx.metrics["verify"]
     assert v["passed"] and v["max_abs"] < 1e-4 and v["top1_agreement"] is None
-    assert exported.path().is_file() and time.perf_counter() - started < 120
+    assert exported.path().is_file()
