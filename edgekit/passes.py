@@ -27,6 +27,7 @@ from edgekit.errors import UserError
 
 BUILTIN_PASS_MODULES = (
     "edgekit.compress.train",
+    "edgekit.compress.quantize.ptq",
     "edgekit.export.onnx",
 )
 

@@ -49,8 +49,28 @@ def source_fingerprint(model: ModelSection, resolve: Callable[[str], Path]) -> s
     return h.hexdigest()[:16]
 
 
+# Structural changes a pass may record in a builder, by name. Only these can be
+# named: an artifact.json must not be able to import arbitrary code.
+TRANSFORMS = {
+    "fold_bn": ("edgekit.compress.quantize.bn_fold", "fold_batchnorm"),
+    "quantize": ("edgekit.compress.quantize.modules", "apply_plan"),
+}
+
+
 def build_torch_module(builder: dict[str, Any]):
     """Rebuild a torch module's architecture (with fresh weights) from its builder."""
+    import importlib
+
+    module = _build_base(builder)
+    for step in builder.get("transforms", []):
+        if step.get("kind") not in TRANSFORMS:
+            raise UserError(f"unknown model transform {step.get('kind')!r} in the artifact's builder; re-run the recipe with this edgekit version")
+        mod_name, fn_name = TRANSFORMS[step["kind"]]
+        module = getattr(importlib.import_module(mod_name), fn_name)(module, **step.get("args", {}))
+    return module
+
+
+def _build_base(builder: dict[str, Any]):
     kind = builder.get("kind")
     if kind == "zoo":
         from edgekit.models import create_model

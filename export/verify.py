@@ -27,6 +27,10 @@ class VerifySettings(PassConfig):
     rtol: float | None = Field(
         None, ge=0, description="if set, an output also passes when its largest difference is within rtol of its largest source magnitude"
     )
+    rel_l2: float | None = Field(
+        None, ge=0, description="if set, an output also passes when ||export - source|| / ||source|| is within it "
+        "(quantized models: rounding differs between runtimes, so errors are judged as a whole; default 0.1 for them)"
+    )
     min_top1_agreement: float = Field(
         0.99, ge=0, le=1, description="classification only: share of samples whose top-1 class must match the source"
     )
@@ -81,8 +85,11 @@ def check_parity(
         if e.shape != s.shape:
             raise StepFailed(f"output {name} of the export has shape {list(e.shape)} but the source's has {list(s.shape)}")
         row = {"name": name, "max_abs": metrics.max_abs(e, s), "mean_abs": metrics.mean_abs(e, s), "max_rel": metrics.max_rel(e, s)}
+        diff = np.asarray(e, np.float64) - np.asarray(s, np.float64)
+        row["rel_l2"] = float(np.linalg.norm(diff) / (np.linalg.norm(np.asarray(s, np.float64)) + 1e-12))
         within_rel = settings.rtol is not None and row["max_rel"] <= settings.rtol
-        row["passed"] = bool(row["max_abs"] <= settings.atol or within_rel)
+        within_l2 = settings.rel_l2 is not None and row["rel_l2"] <= settings.rel_l2
+        row["passed"] = bool(row["max_abs"] <= settings.atol or within_rel or within_l2)
         per_output.append(row)
 
     agreement = None
@@ -97,10 +104,12 @@ def check_parity(
         "max_abs": max(r["max_abs"] for r in per_output),
         "mean_abs": max(r["mean_abs"] for r in per_output),
         "max_rel": max(r["max_rel"] for r in per_output),
+        "rel_l2": max(r["rel_l2"] for r in per_output),
         "top1_agreement": agreement,
         "min_top1_agreement": settings.min_top1_agreement if agreement is not None else None,
         "atol": settings.atol,
         "rtol": settings.rtol,
+        "rel_l2_tol": settings.rel_l2,
         "passed": bool(passed),
         "runtime": runtime,
         "outputs": per_output,
@@ -124,6 +133,8 @@ def require_parity(result: dict[str, Any], step_name: str, where: str | None = N
         text = f"max abs error {worst['max_abs']:.1e} > atol {result['atol']:.1e}{label}"
         if result.get("rtol") is not None:
             text += f" and max rel error {worst['max_rel']:.1e} > rtol {result['rtol']:.1e}"
+        if result.get("rel_l2_tol") is not None:
+            text += f" and relative L2 error {worst['rel_l2']:.1e} > rel_l2 {result['rel_l2_tol']:.1e}"
         problems.append(text)
         fixes.append(f"loosen {where}.verify.atol (or set {where}.verify.rtol)")
     agreement = result.get("top1_agreement")
@@ -190,7 +201,7 @@ def verify_export(
         batch = 3
         try:
             at_batch = check_parity(source, exported, [batch_of(feeds, batch)], settings)
-            problem = None if at_batch["passed"] else f"max abs error {at_batch['max_abs']:.1e} > atol {settings.atol:.1e}"
+            problem = None if at_batch["passed"] else f"max abs error {at_batch['max_abs']:.1e} > atol {settings.atol:.1e}, relative L2 {at_batch['rel_l2']:.1e}"
         except Exception as e:
             problem = short_reason(e)
         if problem:

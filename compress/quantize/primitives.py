@@ -33,6 +33,9 @@ class QuantSpec:
     per_channel: bool = False
     axis: int = 0
     signed: bool = True
+    # One bit less of range (int8 weights in -63..63): on x86 CPUs without VNNI the
+    # u8 x s8 integer kernels add pairs of products in int16, which saturates otherwise.
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in ALLOWED_BITS:
@@ -40,16 +43,20 @@ class QuantSpec:
             raise ValueError(f"quantization bits must be one of {allowed}, got {self.bits!r}")
 
     @property
+    def _bits(self) -> int:
+        return self.bits - 1 if self.reduce_range else self.bits
+
+    @property
     def qmin(self) -> int:
         if not self.signed:
             return 0
         if self.symmetric:
-            return -(2 ** (self.bits - 1) - 1)
-        return -(2 ** (self.bits - 1))
+            return -(2 ** (self._bits - 1) - 1)
+        return -(2 ** (self._bits - 1))
 
     @property
     def qmax(self) -> int:
-        return 2**self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
+        return 2**self._bits - 1 if not self.signed else 2 ** (self._bits - 1) - 1
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,131 @@
+"""Latency-aware placement: keep float where integer is slower on the target runtime.
+
+On CPUs without int8 dot-product instructions an integer layer can be slower
+than its float original (quantize/dequantize work, kernels that gain little).
+Timing layers one by one misleads, since in the whole graph neighbouring
+integer layers share quantized tensors; so candidates are timed as whole
+models on ONNX Runtime at batch 1 with the deployment's threads:
+
+1. layers are grouped into blocks by signature (type, config, weight and input
+   shape): the six identical FFN projections of a transformer form one block;
+2. starting from everything in integer, each block in turn is tried in float,
+   and stays float when the whole model gets faster by more than the margin;
+3. the final model is timed against the all-float model, so the report can
+   say plainly when the quantized model is slower than its source.
+
+Sessions are timed in alternating blocks so slow drifts of a shared machine
+hit both sides. Weight-only layers are kept for their size and not tried.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .modules import QuantConv2d, _QuantBase, needs_ms_domain, quant_layers
+
+
+def export_bytes(model: nn.Module, names: list[str], feed: dict[str, np.ndarray]) -> bytes:
+    from edgekit.export.onnx import _positional
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names)
+    buf = io.BytesIO()
+    extra = {"custom_opsets": {"com.microsoft": 1}} if needs_ms_domain(model) else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _positional(model, names), args, buf, dynamo=False, opset_version=17, input_names=names,
+            do_constant_folding=True, **extra,
+        )
+    return buf.getvalue()
+
+
+def _session(model: bytes, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(session, feed: dict[str, np.ndarray], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
+
+
+def time_models(models: dict[str, bytes], feed: dict[str, np.ndarray], threads: int, budget_s: float = 1.0, rounds: int = 3) -> dict[str, float]:
+    """Median batch-1 latency (ms) of each model, timed in alternating blocks."""
+    sessions = {k: _session(m, threads) for k, m in models.items()}
+    one = {k: _median_ms(s, feed, 3) for k, s in sessions.items()}  # warm-up and a first estimate
+    repeats = int(min(200, max(5, budget_s * 1e3 / max(sum(one.values()), 1e-3) / rounds)))
+    runs: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            runs[k].append(_median_ms(s, feed, repeats))
+            time.sleep(0.02)  # let idle ORT worker threads of the last session settle
+    return {k: round(float(np.median(v)), 4) for k, v in runs.items()}
+
+
+def _signature(layer: _QuantBase) -> tuple:
+    extra = (layer.stride, layer.padding, layer.groups) if isinstance(layer, QuantConv2d) else ()
+    return (type(layer).__name__, layer.cfg, tuple(layer.weight.shape), extra)
+
+
+def blocks(model: nn.Module) -> list[list[str]]:
+    """Timed layers grouped by signature, in model order."""
+    groups: dict[tuple, list[str]] = {}
+    for name, layer in quant_layers(model).items():
+        if layer.cfg.mode in ("dynamic", "static"):
+            groups.setdefault(_signature(layer), []).append(name)
+    return list(groups.values())
+
+
+def place_by_latency(
+    model: nn.Module, names: list[str], feed: dict[str, np.ndarray], threads: int, margin: float, log=None
+) -> tuple[set[str], dict[str, Any]]:
+    """Layers to keep float (whole-model timings say integer is slower there) and the record."""
+    layers = quant_layers(model)
+    kept_float: set[str] = set()
+    trials = []
+
+    def export(disabled: set[str]) -> bytes:
+        for n, m in layers.items():
+            m.enabled = n not in disabled
+        try:
+            return export_bytes(model, names, feed)
+        finally:
+            for m in layers.values():
+                m.enabled = True
+
+    current = export(set())
+    for block in blocks(model):
+        candidate = export(kept_float | set(block))
+        t = time_models({"current": current, "candidate": candidate}, feed, threads)
+        faster_in_float = t["current"] > t["candidate"] / margin  # integer must win by the margin
+        trials.append({"layers": block, "integer_ms": t["current"], "float_ms": t["candidate"], "kept_float": faster_in_float})
+        if faster_in_float:
+            kept_float |= set(block)
+            current = candidate
+        if log:
+            log(f"  block of {len(block)} ({block[0]}{', ...' if len(block) > 1 else ''}): integer {t['current']:.3f} ms, float {t['candidate']:.3f} ms")
+    final = time_models({"float": export(set(layers)), "quantized": current}, feed, threads)
+    record = {
+        "threads": threads,
+        "trials": trials,
+        "kept_float": sorted(kept_float),
+        "float_ms": final["float"],
+        "quantized_ms": final["quantized"],
+        "speedup": round(final["float"] / max(final["quantized"], 1e-9), 3),
+    }
+    return kept_float, record
