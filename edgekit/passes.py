@@ -28,6 +28,7 @@ from edgekit.errors import UserError
 BUILTIN_PASS_MODULES = (
     "edgekit.compress.train",
     "edgekit.compress.quantize.ptq",
+    "edgekit.compress.quantize.qat",
     "edgekit.export.onnx",
 )
 

@@ -7,7 +7,6 @@ recipe resolve against the recipe's own folder.
 
 from __future__ import annotations
 
-import difflib
 import re
 import types
 import typing

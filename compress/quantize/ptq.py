@@ -70,7 +70,9 @@ class TorchQuantizer:
         self.transforms = list((artifact.builder or {}).get("transforms", []))
 
     # -- 1-6: build, calibrate, place ---------------------------------------------
-    def prepare(self, model=None) -> None:
+    def prepare(self, model=None, qat: bool = False) -> None:
+        """Plan, wrap and calibrate. With ``qat`` Conv+BN pairs stay unfolded (QAT folds them while
+        training) and latency placement and bias correction are left to the caller."""
         import torch
 
         from .bn_fold import fold_batchnorm
@@ -82,7 +84,8 @@ class TorchQuantizer:
         model = copy.deepcopy(model if model is not None else self.artifact.torch_module()).eval()
         self.float_model = copy.deepcopy(model)
         if cfg.fold_bn:
-            model = fold_batchnorm(model)
+            if not qat:
+                model = fold_batchnorm(model)
             self.transforms.append({"kind": "fold_bn"})
         self.reduce_range = resolve_reduce_range(cfg.weights.reduce_range)
         self.plan = build_plan(
@@ -98,6 +101,10 @@ class TorchQuantizer:
                 + "; check the skip list or the model"
             )
         apply_plan(model, {n: c.to_dict() for n, c in self.plan.layers.items()})
+        if qat and cfg.fold_bn:
+            from .qat_train import attach_batchnorm
+
+            attach_batchnorm(model)
         self.model = model
         self.original_bias = {
             n: (m.bias.detach().clone() if m.bias is not None else None) for n, m in quant_layers(model).items()
@@ -110,10 +117,16 @@ class TorchQuantizer:
         alphas = set_qparams(model, self.stats, cfg.weights.clip_search, cfg.activations.smooth)
         if alphas:
             self.metrics["smoothing"] = alphas
-        if cfg.latency_aware:
-            self._place_by_latency()
-        self._correct_bias(list(quant_layers(model)))
         torch.manual_seed(ctx.seed)
+        if not qat:
+            self.place_and_correct()
+
+    def place_and_correct(self) -> None:
+        from .modules import quant_layers
+
+        if self.cfg.latency_aware:
+            self._place_by_latency()
+        self._correct_bias(list(quant_layers(self.model)))
 
     def _place_by_latency(self) -> None:
         from .latency import place_by_latency
