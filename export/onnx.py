@@ -83,6 +83,10 @@ class ExportOnnx(Pass):
         dynamic_axes = _dynamic_axes(specs, outputs) if cfg.dynamic else {}
 
         proto = _export(module, specs, trace_feed, outputs, dynamic_axes, cfg, ctx.workdir, where)
+        if artifact.meta.get("quantized"):
+            from edgekit.export.dedupe import dedupe_nodes
+
+            ctx.metrics["deduplicated_nodes"] = dedupe_nodes(proto)
         simplify_info = None
         if cfg.simplify:
             proto, simplify_info = _simplify(proto, ctx)

@@ -33,12 +33,17 @@ class InputStats:
     total_sq: torch.Tensor | None = None
     absmax: torch.Tensor | None = None  # per input feature
     kept: list[torch.Tensor] = field(default_factory=list)  # the first few inputs, to score candidate settings
+    out_observer: Observer | None = None  # output range of layers that quantize their output
+    input_id: tuple = ()  # identity of the first input tensor: layers with the same one read the same activation
+    hessian: torch.Tensor | None = None  # sum of x x^T over input rows (GPTQ), for 4-bit Linear layers
     shape: list[int] = field(default_factory=list)  # the first input shape seen (for latency probes)
 
     def add(self, x: torch.Tensor, channel_axis: int) -> None:
-        x = x.detach().float()
         if not self.shape:
             self.shape = list(x.shape)
+            # memory can be reused within a forward pass, so the content takes part too
+            self.input_id = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), float(x.float().sum()), float(x.float().abs().sum()))
+        x = x.detach().float()
         if len(self.kept) < KEEP_INPUTS:
             self.kept.append(x.clone())
         if self.observer is not None:
@@ -46,6 +51,8 @@ class InputStats:
         flat = x.movedim(channel_axis, -1).reshape(-1, x.shape[channel_axis])
         s, sq, amax = flat.sum(0), (flat * flat).sum(0), flat.abs().amax(0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        if self.hessian is not None:
+            self.hessian += flat.double().T @ flat.double()
         self.total = s if self.total is None else self.total + s
         self.total_sq = sq if self.total_sq is None else self.total_sq + sq
         self.count += flat.shape[0]
@@ -94,10 +101,15 @@ def collect_stats(
         static = layer.cfg.mode == "static"
         options = {"percentile": percentile} if method == "percentile" else {}
         stats[name] = InputStats(make_observer(method, **options) if static else None)
+        if isinstance(layer, QuantLinear) and layer.cfg.mode == "weight_only" and layer.cfg.bits == 4:
+            stats[name].hessian = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
         if isinstance(layer, QuantEmbedding):
             continue  # its input is token ids
         axis = 1 if isinstance(layer, QuantConv2d) else -1
         hooks.append(layer.register_forward_pre_hook(lambda m, args, s=stats[name], a=axis: s.add(args[0], a)))
+        if layer.cfg.out_quant:
+            stats[name].out_observer = make_observer(method, **options)
+            hooks.append(layer.register_forward_hook(lambda m, args, out, s=stats[name]: s.out_observer.observe(out)))
     try:
         with quantization_disabled(model):
             run_feeds(model, feeds, input_names)
@@ -115,13 +127,19 @@ def set_qparams(model: nn.Module, stats: dict[str, InputStats], clip_search: boo
     Returns the chosen strength per smoothed layer.
     """
     chosen: dict[str, float | None] = {}
-    for name, layer in quant_layers(model).items():
+    layers = quant_layers(model)
+    groups: dict[tuple, list[str]] = {}
+    for name, layer in layers.items():
         st = stats.get(name)
-        seen = st is not None and st.count > 0
-        if isinstance(layer, QuantLinear) and layer.cfg.smooth and seen:
-            alphas = sorted(set(SMOOTH_ALPHAS) - {None} | ({smooth_alpha} if smooth_alpha is not None else set()))
-            chosen[name] = _choose_smoothing(layer, st, [None, *alphas])
-        _calibrate_layer(layer, st if seen else None, clip_search)
+        if isinstance(layer, QuantLinear) and layer.cfg.smooth and st is not None and st.count > 0:
+            groups.setdefault(st.input_id, []).append(name)
+    alphas = sorted(set(SMOOTH_ALPHAS) - {None} | ({smooth_alpha} if smooth_alpha is not None else set()))
+    for names in groups.values():
+        best = _choose_smoothing([layers[n] for n in names], stats[names[0]], [None, *alphas])
+        chosen.update({n: best for n in names})
+    for name, layer in layers.items():
+        st = stats.get(name)
+        _calibrate_layer(layer, st if (st is not None and st.count > 0) else None, clip_search)
     return chosen
 
 
@@ -136,29 +154,38 @@ def _calibrate_layer(layer: _QuantBase, st: InputStats | None, clip_search: bool
         if smooth is not None:  # the observer saw x, the kernel sees x / s
             lo, hi = _smoothed_range(st, smooth)
         layer.set_act_qparams(lo, hi)
+        if layer.cfg.out_quant and st.out_observer is not None:
+            layer.set_out_qparams(*st.out_observer.range_for(_act_spec(layer)))
 
 
 @torch.no_grad()
-def _choose_smoothing(layer: QuantLinear, st: InputStats, alphas: list[float | None]) -> float | None:
-    """The smoothing strength whose quantized layer output is closest to float on the kept inputs."""
+def _choose_smoothing(group: list[QuantLinear], st: InputStats, alphas: list[float | None]) -> float | None:
+    """The smoothing strength whose quantized outputs are closest to float on the kept inputs.
+
+    ``group`` are layers that read the same input; they get one shared factor.
+    """
     import torch.nn.functional as F
 
+    w_absmax = torch.stack([layer.weight.detach().abs().amax(dim=0) for layer in group]).amax(dim=0)
     best_err, best_alpha = float("inf"), None
     for alpha in alphas:
-        _set_alpha(layer, st, alpha)
-        _calibrate_layer(layer, st, clip_search=False)
-        err = sum(float(((layer.simulate(x) - F.linear(x, layer.weight, layer.bias)) ** 2).sum()) for x in st.kept)
+        err = 0.0
+        for layer in group:
+            _set_alpha(layer, st, alpha, w_absmax)
+            _calibrate_layer(layer, st, clip_search=False)
+            err += sum(float(((layer.simulate(x) - F.linear(x, layer.weight, layer.bias)) ** 2).sum()) for x in st.kept)
         if err < best_err:
             best_err, best_alpha = err, alpha
-    _set_alpha(layer, st, best_alpha)
+    for layer in group:
+        _set_alpha(layer, st, best_alpha, w_absmax)
     return best_alpha
 
 
-def _set_alpha(layer: QuantLinear, st: InputStats, alpha: float | None) -> None:
+def _set_alpha(layer: QuantLinear, st: InputStats, alpha: float | None, w_absmax: torch.Tensor) -> None:
     if alpha is None:
         layer.smooth.fill_(1.0)
     else:
-        layer.set_smoothing(st.absmax, alpha)
+        layer.set_smoothing(st.absmax, alpha, w_absmax)
 
 
 def _smoothed_range(st: InputStats, smooth: torch.Tensor) -> tuple[float, float]:
@@ -201,3 +228,49 @@ def correct_bias(model: nn.Module, stats: dict[str, InputStats]) -> list[str]:
         layer.bias.sub_(shift.to(layer.bias.dtype))
         corrected.append(name)
     return corrected
+
+
+@torch.no_grad()
+def gptq(layer: QuantLinear, st: InputStats, damp: float = 0.01) -> float:
+    """GPTQ (Frantar et al. 2023) for a grouped weight-only layer: quantize one input column at
+    a time and spread its rounding error over the columns not yet quantized, weighted by the
+    inverse Hessian of the calibration inputs, so the layer *output* error stays small.
+
+    The layer's weight becomes the dequantized result (values on its grid), so the layer's
+    fake quantization and its integer export reproduce it exactly. Returns the relative
+    output error on the kept inputs.
+    """
+    import torch.nn.functional as F
+
+    w0 = layer.weight.detach().double()
+    w = w0.clone()
+    rows, cols = w.shape
+    h = st.hessian / max(st.count, 1)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += torch.eye(cols, dtype=h.dtype) * damp * torch.diag(h).mean()
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    qmin, qmax = layer.cfg.w_qrange
+    group = layer.cfg.group_size
+    scale = torch.empty(rows, cols // group, dtype=torch.float64)
+    zero = torch.empty_like(scale)
+    for j in range(cols):
+        g = j // group
+        if j % group == 0:
+            from .modules import weight_grid_qparams
+
+            imp = torch.diag(h)[j : j + group]
+            sc, zp = weight_grid_qparams(w[:, j : j + group].float(), qmin, qmax, layer.cfg.symmetric, imp.float())
+            scale[:, g], zero[:, g] = sc.double(), zp.double()
+        q = (torch.clamp(torch.round(w[:, j] / scale[:, g]) + zero[:, g], qmin, qmax) - zero[:, g]) * scale[:, g]
+        err = (w[:, j] - q) / u[j, j]
+        w[:, j] = q
+        w[:, j + 1 :] -= err[:, None] * u[j, j + 1 :][None, :]
+    layer.weight.copy_(w.to(layer.weight.dtype))
+    layer.w_scale.copy_(scale.float())
+    layer.w_zero.copy_(zero.float())
+    ref = [F.linear(x, w0.float(), None) for x in st.kept]
+    num = sum(float(((F.linear(x, layer.quant_weight(), None) - r) ** 2).sum()) for x, r in zip(st.kept, ref))
+    den = sum(float((r**2).sum()) for r in ref)
+    return (num / max(den, 1e-30)) ** 0.5

@@ -12,11 +12,12 @@ from edgekit.passes import PassConfig
 class WeightSettings(PassConfig):
     bits: Literal[4, 8] = Field(8, description="8: int8 per output channel; 4: 4-bit blocks for Linear/Embedding (MatMulNBits), W4A8 grid for Conv")
     group_size: int = Field(32, ge=16, description="4-bit block length along the input dim (a power of two; smaller blocks are used when it does not divide)")
-    symmetric: bool = Field(True, description="4-bit / embedding blocks: symmetric (no zero point) or asymmetric; int8 Linear/Conv weights are always symmetric")
+    symmetric: bool = Field(False, description="weight-only blocks (4-bit Linear, embeddings): symmetric (no zero point) or asymmetric (a zero point per block, more accurate); int8 Linear/Conv weights are always symmetric")
     reduce_range: Literal["auto"] | bool = Field(
         "auto", description="int8 weights in -63..63; auto: on x86 CPUs without VNNI, whose u8 x s8 kernels saturate otherwise"
     )
     clip_search: bool = Field(True, description="search a clipping range per channel/block that minimises the input-weighted error")
+    gptq: bool = Field(True, description="4-bit Linear weights: GPTQ error compensation with the calibration inputs' Hessian")
 
     @model_validator(mode="after")
     def _power_of_two(self) -> "WeightSettings":
@@ -69,11 +70,14 @@ class QuantizeSettings(PassConfig):
     embeddings: bool = Field(True, description="quantize embedding tables (weight-only blocks)")
     convolutions: bool = Field(True, description="quantize Conv2d layers (static int8)")
     fold_bn: bool = Field(True, description="fold BatchNorm into the conv/linear before it")
-    bias_correction: bool = Field(True, description="remove the mean output shift caused by weight rounding")
+    bias_correction: Literal["auto"] | bool = Field(
+        "auto", description="remove the mean output shift caused by weight rounding; auto: convolutions only "
+        "(for token models the mean over padded positions is not what real tokens see)"
+    )
     skip: list[str] = Field(default_factory=list, description="layer names or glob patterns to keep float")
     latency_aware: bool = Field(True, description="time each layer float vs integer on ONNX Runtime and keep float where integer is slower")
     latency_threads: int = Field(0, ge=0, description="threads for the layer timings (0: all cores)")
-    latency_margin: float = Field(1.03, ge=1, description="integer must be this many times faster than float to be kept (1.03: 3%, above timing noise)")
+    latency_margin: float = Field(1.05, ge=1, description="integer must be this many times faster than float to be kept (1.05: 5%, above timing noise)")
     sensitivity: bool = Field(True, description="per-layer sensitivity table (one layer quantized at a time; needs an eval split)")
     max_drop: MaxDrop | None = Field(None, description="accuracy budget on the eval split; layers go back to higher precision until it holds")
     size_budget: float | None = Field(None, gt=0, le=1, description="largest size as a fraction of the float model; 8-bit layers drop to 4-bit (least sensitive first) until it holds")

@@ -43,7 +43,13 @@ def export_bytes(model: nn.Module, names: list[str], feed: dict[str, np.ndarray]
             _positional(model, names), args, buf, dynamo=False, opset_version=17, input_names=names,
             do_constant_folding=True, **extra,
         )
-    return buf.getvalue()
+    import onnx
+
+    from edgekit.export.dedupe import dedupe_nodes
+
+    proto = onnx.load_from_string(buf.getvalue())
+    dedupe_nodes(proto)  # as export.onnx does for quantized models
+    return proto.SerializeToString()
 
 
 def _session(model: bytes, threads: int):
@@ -64,7 +70,7 @@ def _median_ms(session, feed: dict[str, np.ndarray], repeats: int) -> float:
     return float(np.median(times)) * 1e3
 
 
-def time_models(models: dict[str, bytes], feed: dict[str, np.ndarray], threads: int, budget_s: float = 1.0, rounds: int = 3) -> dict[str, float]:
+def time_models(models: dict[str, bytes], feed: dict[str, np.ndarray], threads: int, budget_s: float = 1.5, rounds: int = 5) -> dict[str, float]:
     """Median batch-1 latency (ms) of each model, timed in alternating blocks."""
     sessions = {k: _session(m, threads) for k, m in models.items()}
     one = {k: _median_ms(s, feed, 3) for k, s in sessions.items()}  # warm-up and a first estimate

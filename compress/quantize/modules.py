@@ -43,6 +43,7 @@ class LayerConfig:
     act_symmetric: bool = False  # static activations: int8 around 0 instead of uint8 with a zero point
     reduce_range: bool = False  # int8 weights in -63..63 (x86 without VNNI, see primitives.QuantSpec)
     smooth: bool = False  # Linear: divide the input per feature by a factor that the weight absorbs (SmoothQuant)
+    out_quant: bool = False  # static: also quantize the output, so runtimes fuse DQ -> op -> Q into one integer kernel
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,18 +180,31 @@ class _QuantBase(nn.Module):
             return fake_quant(x, self.a_scale, self.a_zero, qmin, qmax, self.training)
         return x
 
-    def set_act_qparams(self, lo: float, hi: float) -> None:
-        """Static input range -> scale / zero point (range widened to include 0)."""
+    def _quant_output(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.out_quant:
+            return y
+        qmin, qmax = self.cfg.a_qrange
+        return fake_quant(y, self.o_scale, self.o_zero, qmin, qmax, self.training)
+
+    def _act_qparams(self, lo: float, hi: float) -> tuple[float, float]:
         qmin, qmax = self.cfg.a_qrange
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         eps = float(torch.finfo(torch.float32).eps)
         if self.cfg.act_symmetric:
-            scale, zero = max(max(-lo, hi) / qmax, eps), 0.0
-        else:
-            scale = max((hi - lo) / (qmax - qmin), eps)
-            zero = float(min(max(qmin - round(lo / scale), qmin), qmax))
+            return max(max(-lo, hi) / qmax, eps), 0.0
+        scale = max((hi - lo) / (qmax - qmin), eps)
+        return scale, float(min(max(qmin - round(lo / scale), qmin), qmax))
+
+    def set_act_qparams(self, lo: float, hi: float) -> None:
+        """Static input range -> scale / zero point (range widened to include 0)."""
+        scale, zero = self._act_qparams(lo, hi)
         self.a_scale.fill_(scale)
         self.a_zero.fill_(zero)
+
+    def set_out_qparams(self, lo: float, hi: float) -> None:
+        scale, zero = self._act_qparams(lo, hi)
+        self.o_scale.fill_(scale)
+        self.o_zero.fill_(zero)
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -215,15 +229,17 @@ class QuantLinear(_QuantBase):
     def effective_weight(self) -> torch.Tensor:
         return self.weight * self.smooth if self.cfg.smooth else self.weight
 
-    def set_smoothing(self, input_absmax: torch.Tensor, alpha: float) -> None:
+    def set_smoothing(self, input_absmax: torch.Tensor, alpha: float, weight_absmax: torch.Tensor | None = None) -> None:
         """SmoothQuant (Xiao et al. 2023): s_j = max|x_j|^alpha / max|w_j|^(1-alpha).
 
         Dividing input feature j by s_j and multiplying weight column j by s_j leaves
         the product unchanged but moves outlier features' range into the weights,
         which are quantized per output channel and absorb it far better than a
-        per-tensor activation scale.
+        per-tensor activation scale. Layers reading the same input (q, k, v) pass the
+        column maxima of all their weights, so they share one factor and one
+        quantized input at run time.
         """
-        w_absmax = self.weight.detach().abs().amax(dim=0).clamp_min(1e-5)
+        w_absmax = (self.weight.detach().abs().amax(dim=0) if weight_absmax is None else weight_absmax).clamp_min(1e-5)
         s = input_absmax.float().clamp_min(1e-5) ** alpha / w_absmax ** (1 - alpha)
         self.smooth.copy_(s.clamp(1e-2, 1e2))
 
@@ -252,6 +268,9 @@ class QuantConv2d(_QuantBase):
         self._init_weight_qparams(conv.out_channels, self.weight[0].numel())
         self.register_buffer("a_scale", torch.tensor(1.0))
         self.register_buffer("a_zero", torch.tensor(0.0))
+        if cfg.out_quant:
+            self.register_buffer("o_scale", torch.tensor(1.0))
+            self.register_buffer("o_zero", torch.tensor(0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -268,10 +287,11 @@ class QuantConv2d(_QuantBase):
         return fake_quant(self.bias, step, torch.zeros_like(step), -(2**31), 2**31 - 1, self.training)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(
+        y = F.conv2d(
             self._quant_input(x), self.quant_weight(self.training), self.quant_bias(),
             self.stride, self.padding, self.dilation, self.groups,
         )
+        return self._quant_output(y)
 
 
 class QuantEmbedding(_QuantBase):
@@ -370,11 +390,14 @@ def _int_store(q: np.ndarray, cfg: LayerConfig) -> np.ndarray:
     return q.astype(np.int8 if cfg.symmetric else np.uint8)
 
 
-def _onnx_input_qdq(g, x, layer: _QuantBase):
-    scale = _const(g, np.float32(layer.a_scale.item()))
-    dtype = np.int8 if layer.cfg.act_symmetric else np.uint8
-    zero = _const(g, np.array(int(layer.a_zero.item()), dtype=dtype))
+def _onnx_qdq(g, x, scale_t: torch.Tensor, zero_t: torch.Tensor, symmetric: bool):
+    scale = _const(g, np.float32(scale_t.item()))
+    zero = _const(g, np.array(int(zero_t.item()), dtype=np.int8 if symmetric else np.uint8))
     return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero), scale, zero)
+
+
+def _onnx_input_qdq(g, x, layer: _QuantBase):
+    return _onnx_qdq(g, x, layer.a_scale, layer.a_zero, layer.cfg.act_symmetric)
 
 
 def _onnx_weight_dq(g, layer: _QuantBase, q: np.ndarray, axis: int):
@@ -417,10 +440,13 @@ def _onnx_conv(g, x, layer: QuantConv2d):
         inputs.append(g.op("DequantizeLinear", _const(g, qb), _const(g, _f32(step)), _const(g, np.zeros_like(qb)), axis_i=0))
     kh, kw = layer.weight.shape[2:]
     ph, pw = layer.padding if isinstance(layer.padding, tuple) else (layer.padding, layer.padding)
-    return g.op(
+    y = g.op(
         "Conv", *inputs, kernel_shape_i=[kh, kw], strides_i=list(layer.stride),
         pads_i=[ph, pw, ph, pw], dilations_i=list(layer.dilation), group_i=layer.groups,
     )
+    if not layer.cfg.out_quant:
+        return y
+    return _onnx_qdq(g, y, layer.o_scale, layer.o_zero, layer.cfg.act_symmetric)
 
 
 def _unsigned_blocks(layer: _QuantBase) -> tuple[np.ndarray, np.ndarray]:

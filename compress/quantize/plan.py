@@ -96,7 +96,7 @@ def build_plan(
                 plan.skipped[name] = f"padding {m.padding!r} / {m.padding_mode} has no integer kernel"
             else:
                 # 4-bit conv weights run as W4A8 on int8 kernels (no runtime has 4-bit conv kernels)
-                plan.layers[name] = LayerConfig("static", bits, 0, True, act_symmetric, reduce_range)
+                plan.layers[name] = LayerConfig("static", bits, 0, True, act_symmetric, reduce_range, out_quant=True)
         else:
             mode = linear_mode if linear_mode != "none" else "weight_only"
             if bits == 4 and mode != "weight_only":

@@ -117,9 +117,26 @@ class TorchQuantizer:
         alphas = set_qparams(model, self.stats, cfg.weights.clip_search, cfg.activations.smooth)
         if alphas:
             self.metrics["smoothing"] = alphas
+        self.original_weight = {}
+        if cfg.weights.gptq:
+            self._gptq()
         torch.manual_seed(ctx.seed)
         if not qat:
             self.place_and_correct()
+
+    def _gptq(self) -> None:
+        from .calibrate import gptq
+        from .modules import quant_layers
+
+        errors = {}
+        for name, layer in quant_layers(self.model).items():
+            st = self.stats.get(name)
+            if st is not None and st.hessian is not None and st.count:
+                self.original_weight[name] = layer.weight.detach().clone()
+                errors[name] = round(gptq(layer, st), 6)
+        if errors:
+            self.ctx.log(f"  GPTQ on {len(errors)} 4-bit layers (mean relative output error {sum(errors.values()) / len(errors):.4f})")
+            self.metrics["gptq_rel_error"] = errors
 
     def place_and_correct(self) -> None:
         from .modules import quant_layers
@@ -145,9 +162,13 @@ class TorchQuantizer:
         from .calibrate import correct_bias
         from .modules import quant_layers
 
-        if not self.cfg.bias_correction:
+        from .modules import QuantConv2d
+
+        if self.cfg.bias_correction is False:
             return
         layers = quant_layers(self.model)
+        if self.cfg.bias_correction == "auto":
+            names = [n for n in names if isinstance(layers.get(n), QuantConv2d)]
         correct_bias(_Subset(layers, names), self.stats)
 
     def _set_layer(self, name: str, layer_cfg) -> None:
@@ -169,6 +190,8 @@ class TorchQuantizer:
             plain = nn.Linear(old.in_features, old.out_features, bias=bias is not None)
         with torch.no_grad():
             plain.weight = old.weight
+            if name in self.original_weight:  # GPTQ replaced the weight by its 4-bit values
+                plain.weight = nn.Parameter(self.original_weight.pop(name))
             if bias is not None:
                 plain.bias = nn.Parameter(bias.clone())
         parent, _, attr = name.rpartition(".")

@@ -19,6 +19,8 @@ interrupted run resumes from its last epoch.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from edgekit.artifact import Artifact
@@ -33,6 +35,10 @@ class TrainSettings(PassConfig):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0, description="learning rate (Adam, cosine decay); a fraction of the original training's")
     freeze_bn_after: int = Field(200, ge=0, description="steps after which BatchNorm statistics are frozen (whitepaper 3.2)")
+    loss: Literal["auto", "labels", "distill"] = Field(
+        "auto", description="labels: cross-entropy to the train labels; distill: match the float model's outputs "
+        "(for models without labels, e.g. encoders); auto: labels for labelled classifiers, else distill"
+    )
 
 
 class QatSettings(QuantizeSettings):
@@ -56,11 +62,13 @@ class QuantizeQAT(Pass):
         cfg: QatSettings = self.config
         if cfg.backend != "edgekit":
             raise UserError("quantize.qat runs on the edgekit backend only (NNCF's torch backend does not work with torch 2.13); remove backend")
-        if ctx.data is None or artifact.task != "classification":
-            raise UserError("quantize.qat fine-tunes classifiers on data.train with labels; add a labelled data: section and model.task: classification")
+        if ctx.data is None or not ctx.data.has_split("train"):
+            raise UserError("quantize.qat fine-tunes on data.train; add a data: section with a train source")
         split = ctx.data.split("train")
-        if split.labels is None:
-            raise UserError("quantize.qat needs labels in the train split; use a labelled source (sklearn:digits, images:DIR, npz with 'labels')")
+        labelled = artifact.task == "classification" and split.labels is not None
+        use_labels = cfg.train.loss == "labels" or (cfg.train.loss == "auto" and labelled)
+        if use_labels and not labelled:
+            raise UserError("quantize.qat train.loss: labels needs a classifier and labels in the train split; use loss: distill")
         quantizer = TorchQuantizer(artifact, cfg, ctx)
         quantizer.prepare(qat=True)
         if ctx.data.has_split("eval"):
@@ -68,7 +76,8 @@ class QuantizeQAT(Pass):
             before = quantizer._evaluate()
         else:
             before = None
-        record = train(quantizer.model, split, [s.name for s in artifact.inputs], cfg.train, ctx)
+        teacher = None if use_labels else quantizer.float_model
+        record = train(quantizer.model, split, [s.name for s in artifact.inputs], cfg.train, ctx, teacher)
         finalize_batchnorm(quantizer.model)
         quantizer.model.eval()
         quantizer.original_bias = {

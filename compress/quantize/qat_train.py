@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekit.passes import PassContext
+from edgekit.runtimes.torch_eager import call_module
 
 from .modules import QuantConv2d, fake_quant, quant_layers
 
@@ -26,6 +27,9 @@ class QuantConvBn2d(QuantConv2d):
         self.register_buffer("w_zero", conv.w_zero.clone())
         self.register_buffer("a_scale", conv.a_scale.clone())
         self.register_buffer("a_zero", conv.a_zero.clone())
+        if self.cfg.out_quant:
+            self.register_buffer("o_scale", conv.o_scale.clone())
+            self.register_buffer("o_zero", conv.o_zero.clone())
         self.bn = bn
         self.frozen = False
 
@@ -66,7 +70,7 @@ class QuantConvBn2d(QuantConv2d):
         w = self.quant_weight(self.training)
         conv = lambda inp, weight: F.conv2d(inp, weight, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
         if not self.training or self.frozen:
-            return conv(xq, w) + self.folded_bias().reshape(1, -1, 1, 1)
+            return self._quant_output(conv(xq, w) + self.folded_bias().reshape(1, -1, 1, 1))
         # batch statistics of the float convolution normalise this step; the running ones fold the weight
         with torch.no_grad():
             z = conv(x, self.weight) + (self.bias.reshape(1, -1, 1, 1) if self.bias is not None else 0)
@@ -80,7 +84,7 @@ class QuantConvBn2d(QuantConv2d):
         sigma_b, sigma_r = self._sigma(var), self._sigma(self.bn.running_var)
         b = self.bias if self.bias is not None else torch.zeros_like(beta)
         y = conv(xq, w) * (sigma_r / sigma_b).reshape(1, -1, 1, 1)
-        return y + (beta + gamma * (b - mean) / sigma_b).reshape(1, -1, 1, 1)
+        return self._quant_output(y + (beta + gamma * (b - mean) / sigma_b).reshape(1, -1, 1, 1))
 
     def to_folded(self) -> QuantConv2d:
         """The deployed layer: a QuantConv2d on the folded weight and bias, same scales."""
@@ -94,6 +98,9 @@ class QuantConvBn2d(QuantConv2d):
             layer.w_scale.copy_(self.w_scale)
             layer.a_scale.copy_(self.a_scale)
             layer.a_zero.copy_(self.a_zero)
+            if self.cfg.out_quant:
+                layer.o_scale.copy_(self.o_scale)
+                layer.o_zero.copy_(self.o_zero)
         return layer
 
 
@@ -122,13 +129,20 @@ def finalize_batchnorm(model: nn.Module) -> int:
     return count
 
 
-def train(model: nn.Module, split, names: list[str], cfg, ctx: PassContext) -> dict[str, Any]:
-    """Fine-tune with cross-entropy; one checkpoint per epoch in the cache, resumed when present."""
+def train(model: nn.Module, split, names: list[str], cfg, ctx: PassContext, teacher: nn.Module | None = None) -> dict[str, Any]:
+    """Fine-tune; one checkpoint per epoch in the cache, resumed when present.
+
+    The loss is cross-entropy to the labels, or, with a ``teacher`` (the float
+    model), the squared error to its outputs relative to their energy: the
+    quantized model learns to reproduce the float one, no labels needed.
+    """
     started = time.perf_counter()
     torch.manual_seed(ctx.seed)
     x = {n: torch.from_numpy(split.arrays[n]) for n in names}
-    y = torch.from_numpy(split.labels)
-    n = len(y)
+    y = torch.from_numpy(split.labels) if teacher is None else None
+    n = len(next(iter(x.values())))
+    if teacher is not None:
+        teacher.eval()
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -150,9 +164,14 @@ def train(model: nn.Module, split, names: list[str], cfg, ctx: PassContext) -> d
             step = epoch * steps_per_epoch + i // cfg.batch_size
             _freeze(model, step >= cfg.freeze_bn_after)
             idx = order[i : i + cfg.batch_size]
-            out = model(*[x[k][idx] for k in names])
-            logits = out[0] if isinstance(out, (tuple, list)) else out
-            loss = F.cross_entropy(logits, y[idx])
+            inputs = [x[k][idx] for k in names]
+            out = _first(call_module(model, dict(zip(names, inputs)), names))
+            if teacher is None:
+                loss = F.cross_entropy(out, y[idx])
+            else:
+                with torch.no_grad():
+                    target = _first(call_module(teacher, dict(zip(names, inputs)), names))
+                loss = F.mse_loss(out, target) / target.pow(2).mean().clamp_min(1e-12)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -167,9 +186,18 @@ def train(model: nn.Module, split, names: list[str], cfg, ctx: PassContext) -> d
         "resumed_from_epoch": start_epoch,
         "steps": cfg.epochs * steps_per_epoch,
         "freeze_bn_after": cfg.freeze_bn_after,
+        "loss": "distill" if teacher is not None else "labels",
         "loss_per_epoch": losses,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _first(out):
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()[0]
+    return out
 
 
 def _freeze(model: nn.Module, frozen: bool) -> None:
