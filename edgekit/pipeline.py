@@ -146,15 +146,19 @@ class Pipeline:
         artifact, rec = self._step(0, "source", None, key, lambda ctx: self.source)
         records.append(rec)
         last, last_key = artifact, key
+        by_name = {"source": (artifact, key)}  # what an export's ``of:`` can name
         for i, step in enumerate(self.recipe.compress, start=1):
             key = self._step_key(last_key, step)
             last, rec = self._step(i, step.name, step, key, self._runner(step, last))
             last_key = key
+            by_name[step.name] = (last, key)
             records.append(rec)
-        compressed, compressed_key = last, last_key
         for j, step in enumerate(self.recipe.export, start=len(self.recipe.compress) + 1):
+            compressed, compressed_key = by_name[step.of] if step.of else (last, last_key)
             key = self._step_key(compressed_key, step)
             _, rec = self._step(j, step.name, step, key, self._runner(step, compressed))
+            if step.of:
+                rec["of"] = step.of
             records.append(rec)
 
         report = self._report(records)
@@ -281,6 +285,9 @@ class Pipeline:
         for rt_name in b.runtimes:
             rt = get_runtime(rt_name)
             if artifact.format not in rt.formats:
+                continue
+            if artifact.format == "torch" and artifact.meta.get("quantized"):
+                self.out.log("  [dim]skip torch bench: a quantized torch model simulates integer math; its exports are timed[/dim]")
                 continue
             for threads in b.threads:
                 for batch in b.batch_sizes:

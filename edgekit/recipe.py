@@ -128,6 +128,7 @@ class Step(BaseModel):
     name: str  # canonical pass name
     config: PassConfig
     path: str  # YAML path, for messages
+    of: str | None = None  # export steps: the compress step (pass name) or "source" to export; default the last
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -158,6 +159,14 @@ class Recipe(Strict):
     def _steps(cls, v: Any, info) -> list[Step]:
         return parse_steps(v, info.field_name)
 
+    @model_validator(mode="after")
+    def _exports_of_known_steps(self) -> "Recipe":
+        names = ["source", *(s.name for s in self.compress)]
+        for i, step in enumerate(self.export):
+            if step.of is not None and step.of not in names:
+                raise ValueError(f"export[{i}].of: {step.of!r} is not a compress step of this recipe{suggest(step.of, names)}")
+        return self
+
     def resolve(self, path: str) -> Path:
         """A recipe-relative path made absolute; ``pkg:NAME/sub/path`` is a folder
         shipped inside the installed Python package NAME (found without importing it)."""
@@ -173,7 +182,7 @@ class Recipe(Strict):
         """The recipe as plain data, with pass configs filled in (for hashing and the report)."""
         data = self.model_dump(mode="json", exclude={"compress", "export", "base_dir"})
         data["compress"] = [{s.name: s.config.model_dump(mode="json")} for s in self.compress]
-        data["export"] = [{s.name: s.config.model_dump(mode="json")} for s in self.export]
+        data["export"] = [{s.name: s.config.model_dump(mode="json"), **({"of": s.of} if s.of else {})} for s in self.export]
         return data
 
 
@@ -212,8 +221,15 @@ def parse_steps(raw: Any, kind: str) -> list[Step]:
         path = f"{kind}[{i}]"
         if isinstance(item, str):
             item = {item: {}}
+        of = None
+        if kind == "export" and isinstance(item, dict) and "of" in item:
+            item = dict(item)
+            of = item.pop("of")
+            if not isinstance(of, str):
+                raise _StepError(f"{path}.of", "must name a compress pass of this recipe (e.g. train.supervised) or 'source'")
         if not isinstance(item, dict) or len(item) != 1:
-            raise _StepError(path, "each step is a mapping with exactly one pass name, e.g. '- onnx: {opset: 17}'")
+            raise _StepError(path, "each step is a mapping with exactly one pass name, e.g. '- onnx: {opset: 17}'"
+                             + (" (export steps may add 'of: STEP')" if kind == "export" else ""))
         (name, cfg), = item.items()
         full = canonical_name(str(name), kind)
         cls_ = reg.get(full)
@@ -223,7 +239,7 @@ def parse_steps(raw: Any, kind: str) -> list[Step]:
             config = cls_.Config.model_validate(cfg or {})
         except ValidationError as e:
             raise _StepError(None, _format_validation(e, cls_.Config, prefix=f"{path}.{name}")) from None
-        steps.append(Step(kind=kind, name=full, config=config, path=f"{path}.{name}"))
+        steps.append(Step(kind=kind, name=full, config=config, path=f"{path}.{name}", of=of))
     return steps
 
 

@@ -32,8 +32,12 @@ def write_report(run_dir: Path, report: dict[str, Any], formats: list[str]) -> l
         fsio.write_text(run_dir / "report.md", render_markdown(report))
         written.append(run_dir / "report.md")
     if "png" in formats:
+        from edgekit.report_quant import render_sensitivity_png
+
         render_png(report, run_dir / "report.png")
         written.append(run_dir / "report.png")
+        if render_sensitivity_png(report.get("steps") or [], run_dir / "quantization.png"):
+            written.append(run_dir / "quantization.png")
     return written
 
 
@@ -132,6 +136,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _main_table(steps)
     lines += ["", "Accuracy is measured on the recipe's eval split; Δ columns compare each step with the source. "
               "Latency and throughput: batch 1 with the fewest threads benchmarked (every measurement is under Benchmarks)."]
+    from edgekit.report_quant import render_quant_section
+
+    lines += render_quant_section(steps)
     lines += _bench_section(steps)
     lines += _parity_section(steps)
     lines += _setup_section(report)
@@ -170,7 +177,7 @@ def _main_table(steps: list[dict[str, Any]]) -> list[str]:
         b = headline_bench(met)
         bench_on = f"{b.get('runtime')}, {b.get('threads')} thr, batch {b.get('batch_size')}" if b else DASH
         rows.append([
-            s.get("id", DASH) + (" (reused)" if s.get("cached") else ""),
+            s.get("id", DASH) + (f" of {s['of']}" if s.get("of") else "") + (" (reused)" if s.get("cached") else ""),
             s.get("format"),
             acc_text,
             d_acc,

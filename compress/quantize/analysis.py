@@ -82,17 +82,3 @@ def debug_table(model: nn.Module, sqnr: dict[str, float], drops: dict[str, float
             row["drop"] = drops.get(name)
         rows.append(row)
     return rows
-
-
-def worst_layers(rows: list[dict[str, Any]], n: int = 3) -> list[str]:
-    """Layers whose SQNR falls most below the layer before them: where the error enters."""
-    jumps = []
-    prev = None
-    for r in rows:
-        s = r.get("sqnr_db")
-        if s is None or not math.isfinite(s):
-            prev = s
-            continue
-        jumps.append((s - prev if prev is not None and math.isfinite(prev) else s - 60.0, r["layer"]))
-        prev = s
-    return [name for _, name in sorted(jumps)[:n]]

@@ -56,7 +56,7 @@ class QuantizePTQ(Pass):
             return _quantize_onnx_artifact(artifact, cfg, ctx)
         quantizer = TorchQuantizer(artifact, cfg, ctx)
         quantizer.prepare()
-        quantizer.tune()
+        quantizer.finish()
         return quantizer.result()
 
 
@@ -121,8 +121,6 @@ class TorchQuantizer:
         if cfg.weights.gptq:
             self._gptq()
         torch.manual_seed(ctx.seed)
-        if not qat:
-            self.place_and_correct()
 
     def _gptq(self) -> None:
         from .calibrate import gptq
@@ -137,13 +135,6 @@ class TorchQuantizer:
         if errors:
             self.ctx.log(f"  GPTQ on {len(errors)} 4-bit layers (mean relative output error {sum(errors.values()) / len(errors):.4f})")
             self.metrics["gptq_rel_error"] = errors
-
-    def place_and_correct(self) -> None:
-        from .modules import quant_layers
-
-        if self.cfg.latency_aware:
-            self._place_by_latency()
-        self._correct_bias(list(quant_layers(self.model)))
 
     def _place_by_latency(self) -> None:
         from .latency import place_by_latency
@@ -208,32 +199,54 @@ class TorchQuantizer:
         self._correct_bias([name])
 
     # -- 7: accuracy ---------------------------------------------------------------
-    def tune(self) -> None:
-        """Sensitivity, max_drop and size_budget on the eval split, then the SQNR table."""
+    def finish(self, qat: bool = False) -> None:
+        """Bias correction, analysis of the all-integer model, latency placement and the budgets.
+
+        Sensitivity and the SQNR table describe the model with every planned layer in
+        integer, so the report shows where quantization hurts even for layers that
+        end up float; each row then says which form the layer finally has.
+        """
         from .analysis import debug_table, layer_sqnr, metric_drop, sensitivity
         from .modules import quant_layers
 
         cfg, ctx = self.cfg, self.ctx
+        if not qat:
+            self._correct_bias(list(quant_layers(self.model)))
         has_eval = ctx.data is not None and ctx.data.has_split("eval")
         if cfg.max_drop is not None and not has_eval:
-            raise UserError("quantize.ptq max_drop is measured on the eval split, but the recipe has none; add data.eval (or a holdout) or remove max_drop")
+            raise UserError(f"{self._name} max_drop is measured on the eval split, but the recipe has none; add data.eval (or a holdout) or remove max_drop")
         drops = None
         if has_eval:
-            self._setup_eval()
+            if not hasattr(self, "split"):
+                self._setup_eval()
             value = self._evaluate()
-            drop = metric_drop(self.metric, self.baseline, value)
-            self.metrics["accuracy"] = {"metric": self.metric, "float": _r(self.baseline), "quantized": _r(value), "drop": _r(drop)}
-            ctx.log(f"  {self.metric}: float {self.baseline:.4f} -> quantized {value:.4f}")
+            self.metrics["accuracy"] = {"metric": self.metric, "float": _r(self.baseline), "all_integer": _r(value),
+                                        "quantized": _r(value), "drop": _r(metric_drop(self.metric, self.baseline, value))}
+            ctx.log(f"  {self.metric}: float {self.baseline:.4f} -> all layers integer {value:.4f}")
             if cfg.sensitivity or cfg.max_drop is not None or cfg.size_budget is not None:
                 names = list(quant_layers(self.model))
                 drops = sensitivity(self.model, names, self._evaluate, self.metric, self.baseline, ctx.progress)
                 self.metrics["sensitivity"] = {"metric": self.metric, "drops": drops}
+        sqnr = layer_sqnr(self.model, self.feeds[:8], self.names)
+        rows = debug_table(self.model, sqnr, drops)
+        if cfg.latency_aware:
+            self._place_by_latency()
+        if has_eval:
             if cfg.size_budget is not None:
                 self._meet_size_budget(drops or {})
             if cfg.max_drop is not None:
                 self._meet_max_drop(drops or {})
-        sqnr = layer_sqnr(self.model, self.feeds[:8], self.names)
-        self.metrics["layers"] = debug_table(self.model, sqnr, drops)
+            value = self._evaluate()
+            self.metrics["accuracy"].update(quantized=_r(value), drop=_r(metric_drop(self.metric, self.baseline, value)))
+        final = quant_layers(self.model)
+        for r in rows:
+            layer = final.get(r["layer"])
+            r["final"] = f"{layer.cfg.mode} {layer.cfg.bits}-bit" if layer is not None else f"float ({self.plan.skipped.get(r['layer'], 'kept float')})"
+        self.metrics["layers"] = rows
+
+    @property
+    def _name(self) -> str:
+        return "quantize.qat" if "qat" in self.metrics else "quantize.ptq"
 
     def _setup_eval(self) -> None:
         from edgekit.evaluate import choose_metric, run_outputs
@@ -282,7 +295,6 @@ class TorchQuantizer:
         final = metric_drop(self.metric, self.baseline, value)
         met = final <= allowed
         self.metrics["max_drop"] = {"allowed": _r(allowed), "final_drop": _r(final), "met": met, "rounds": rounds}
-        self.metrics["accuracy"].update(quantized=_r(value), drop=_r(final))
         if met:
             self.ctx.log(f"  max_drop {allowed:.4g} holds after {len(rounds)} back-off rounds (drop {final:.4g})")
         else:

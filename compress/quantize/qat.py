@@ -86,7 +86,5 @@ class QuantizeQAT(Pass):
         if before is not None:
             record["ptq_metric"] = round(before, 6)
         quantizer.metrics["qat"] = record
-        if cfg.latency_aware:
-            quantizer._place_by_latency()
-        quantizer.tune()
+        quantizer.finish(qat=True)
         return quantizer.result()
