@@ -79,7 +79,8 @@ def recipe_schema() -> None:
 @click.argument("target")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--dim", "dim_items", multiple=True, metavar="NAME=SIZE", help="Size of a named dynamic dim for the MAC count, e.g. --dim seq=128 (others count as 1).")
-def inspect(target: str, as_json: bool, dim_items: tuple[str, ...]) -> None:
+@click.option("--quant-debug", is_flag=True, help="For a quantized step: per-layer SQNR (and sensitivity), to find the layer that hurts.")
+def inspect(target: str, as_json: bool, dim_items: tuple[str, ...], quant_debug: bool) -> None:
     """Show inputs, outputs, params, MACs, ops and size of an ONNX file, a saved step/artifact folder, or zoo:NAME."""
     from edgekit.profile import format_inspect, inspect_target
 
@@ -89,6 +90,12 @@ def inspect(target: str, as_json: bool, dim_items: tuple[str, ...]) -> None:
         if not name or not size.isdigit():
             raise click.BadParameter(f"{item!r} must look like NAME=SIZE, e.g. seq=128", param_hint="--dim")
         dims[name] = int(size)
+    if quant_debug:
+        from edgekit.quant_debug import quant_debug_report
+
+        info = quant_debug_report(target, dims)
+        click.echo(json.dumps(info, indent=2, default=str) if as_json else info["text"])
+        return
     info = inspect_target(target, dims)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))

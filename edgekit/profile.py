@@ -440,7 +440,49 @@ def _inspect_onnx(path: Path, specs: list[TensorSpec] | None = None, dims: dict[
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "ir_version": model.ir_version,
         "producer": producer or None,
+        "runtime_ops": runtime_weight_ops(path),
     }
+
+
+# Kernels ONNX Runtime runs on integer data, and the float ones the same layers become otherwise.
+INTEGER_KERNELS = {
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "MatMulNBits", "GatherBlockQuantized", "QAttention", "QGemm", "QEmbedLayerNormalization", "DynamicQuantizeLSTM",
+}
+FLOAT_WEIGHT_KERNELS = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "Attention", "LSTM", "GRU", "Gather"}
+
+
+def runtime_weight_ops(path: Path) -> dict[str, Any] | None:
+    """How ONNX Runtime runs the model's compute ops after its graph optimizations: integer vs float.
+
+    Counted on the graph ONNX Runtime really executes (extended optimizations,
+    which fuse QDQ patterns into integer kernels), not on the file: a QDQ
+    convolution that the runtime cannot fuse runs in float and counts as float.
+    """
+    import tempfile
+
+    try:
+        import onnx
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as tmp:
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            opts.log_severity_level = 3
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
+    except Exception:  # not loadable in ORT: inspect still shows the file's own ops
+        return None
+    integer: dict[str, int] = {}
+    floating: dict[str, int] = {}
+    for g in _graphs(optimized.graph):
+        for n in g.node:
+            if n.op_type in INTEGER_KERNELS:
+                integer[n.op_type] = integer.get(n.op_type, 0) + 1
+            elif n.op_type in FLOAT_WEIGHT_KERNELS:
+                floating[n.op_type] = floating.get(n.op_type, 0) + 1
+    return {"integer": sum(integer.values()), "float": sum(floating.values()), "integer_ops": integer, "float_ops": floating}
 
 
 def _torch_info(target: str, module, specs: list[TensorSpec], dims: dict[str, int], size: int) -> dict[str, Any]:
@@ -515,6 +557,10 @@ def format_inspect(info: dict[str, Any]):
     other_dims = ", ".join(f"{k}={v}" for k, v in (info.get("dims") or {}).items() if k != "batch")
     head.add_row(f"MACs (batch 1{', ' + other_dims if other_dims else ''})", macs_text)
     head.add_row("size", human_bytes(info.get("size_bytes")))
+    rt = info.get("runtime_ops")
+    if rt:
+        detail = ", ".join(f"{k} {v}" for k, v in {**rt["integer_ops"]}.items()) or "none"
+        head.add_row("integer in ONNX Runtime", f"{rt['integer']} of {rt['integer'] + rt['float']} compute ops ({escape(detail)})")
 
     io = Table(title="inputs and outputs", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("", "name", "shape", "dtype"):
