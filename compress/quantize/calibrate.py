@@ -23,6 +23,7 @@ from .observers import Observer, make_observer
 
 KEEP_INPUTS = 4  # inputs kept per layer for scoring smoothing strengths
 SMOOTH_ALPHAS = (None, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)  # None: no smoothing
+SMOOTH_MIN_GAIN = 0.9  # smooth only when it cuts the layer's output error by 10% or more
 
 
 @dataclass
@@ -168,14 +169,19 @@ def _choose_smoothing(group: list[QuantLinear], st: InputStats, alphas: list[flo
 
     w_absmax = torch.stack([layer.weight.detach().abs().amax(dim=0) for layer in group]).amax(dim=0)
     best_err, best_alpha = float("inf"), None
+    plain_err = None
     for alpha in alphas:
         err = 0.0
         for layer in group:
             _set_alpha(layer, st, alpha, w_absmax)
             _calibrate_layer(layer, st, clip_search=False)
             err += sum(float(((layer.simulate(x) - F.linear(x, layer.weight, layer.bias)) ** 2).sum()) for x in st.kept)
+        if alpha is None:
+            plain_err = err
         if err < best_err:
             best_err, best_alpha = err, alpha
+    if plain_err is not None and best_err > SMOOTH_MIN_GAIN * plain_err:
+        best_alpha = None  # not worth the extra Mul the runtime would run for it
     for layer in group:
         _set_alpha(layer, st, best_alpha, w_absmax)
     return best_alpha

@@ -70,7 +70,9 @@ class QuantConvBn2d(QuantConv2d):
         w = self.quant_weight(self.training)
         conv = lambda inp, weight: F.conv2d(inp, weight, None, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
         if not self.training or self.frozen:
-            return self._quant_output(conv(xq, w) + self.folded_bias().reshape(1, -1, 1, 1))
+            step = self.a_scale * self.w_scale[:, 0]  # the bias on the int32 grid, as deployed
+            bias = fake_quant(self.folded_bias(), step, torch.zeros_like(step), -(2**31), 2**31 - 1, self.training)
+            return self._quant_output(conv(xq, w) + bias.reshape(1, -1, 1, 1))
         # batch statistics of the float convolution normalise this step; the running ones fold the weight
         with torch.no_grad():
             z = conv(x, self.weight) + (self.bias.reshape(1, -1, 1, 1) if self.bias is not None else 0)
@@ -94,8 +96,7 @@ class QuantConvBn2d(QuantConv2d):
             plain.weight = nn.Parameter(self.effective_weight().detach().clone())
             plain.bias = nn.Parameter(self.folded_bias().detach().clone())
             layer = QuantConv2d(plain, self.cfg)
-            self._refresh_weight_scale()
-            layer.w_scale.copy_(self.w_scale)
+            layer.w_scale.copy_(self.w_scale)  # the scales training ended with, so deployed == evaluated
             layer.a_scale.copy_(self.a_scale)
             layer.a_zero.copy_(self.a_zero)
             if self.cfg.out_quant:
