@@ -206,10 +206,10 @@ def _export(module, specs, feed, outputs, dynamic_axes, cfg: OnnxConfig, workdir
 
 
 def _custom_opsets(module) -> dict[str, Any]:
-    """4-bit quantized layers write com.microsoft ops (MatMulNBits, GatherBlockQuantized)."""
-    from edgekit.compress.quantize.modules import needs_ms_domain
-
-    return {"custom_opsets": {"com.microsoft": 1}} if needs_ms_domain(module) else {}
+    """Custom ONNX domains that submodules declare they write (``onnx_domains``), e.g. the
+    com.microsoft MatMulNBits of 4-bit quantized layers; version 1 of each."""
+    domains = {d for m in module.modules() for d in getattr(m, "onnx_domains", ())}
+    return {"custom_opsets": {d: 1 for d in sorted(domains)}} if domains else {}
 
 
 def _positional(module, names: list[str]):

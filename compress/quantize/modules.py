@@ -126,6 +126,11 @@ class _QuantBase(nn.Module):
     weight: nn.Parameter
     enabled: bool = True  # False: the layer runs in float (calibration, sensitivity analysis)
 
+    @property
+    def onnx_domains(self) -> tuple[str, ...]:
+        """ONNX op domains this layer's export writes (exporters register them; see export.onnx)."""
+        return (MS_DOMAIN,) if self.enabled and self.cfg.mode == "weight_only" else ()
+
     def _init_weight_qparams(self, rows: int, cols: int) -> None:
         groups = cols // self.cfg.group_size if self.cfg.group_size else 1
         self.register_buffer("w_scale", torch.ones(rows, groups))
@@ -499,4 +504,4 @@ def _onnx_gather(g, ids, layer: QuantEmbedding):
 
 def needs_ms_domain(model: nn.Module) -> bool:
     """Whether the export uses com.microsoft ops (MatMulNBits, GatherBlockQuantized)."""
-    return any(m.enabled and m.cfg.mode == "weight_only" for m in quant_layers(model).values())
+    return any(MS_DOMAIN in m.onnx_domains for m in quant_layers(model).values())
