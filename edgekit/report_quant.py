@@ -61,13 +61,13 @@ def render_quant_section(steps: list[dict[str, Any]]) -> list[str]:
                          f"final {acc['quantized']:.4f} (drop {acc['drop']:.4f}).")
         lat = q.get("latency")
         if lat and not integer.get("integer_layers"):
-            lines.append(f"No layer was clearly faster in integer on ONNX Runtime here ({lat['threads']} threads, batch 1), "
+            lines.append(f"Float was clearly faster than integer for every layer on ONNX Runtime here ({lat['threads']} threads, batch 1), "
                          "so the deployed model is the float one.")
         elif lat:
             verdict = "faster" if lat["speedup"] >= 1 else "**slower**"
             lines.append(
                 f"ONNX Runtime at batch 1, {lat['threads']} threads: float {lat['float_ms']:.3f} ms, quantized {lat['quantized_ms']:.3f} ms "
-                f"({lat['speedup']:.2f}x, {verdict} than float). {len(lat.get('kept_float') or [])} layers stay float because integer was not clearly faster there."
+                f"({lat['speedup']:.2f}x, {verdict} than float). {len(lat.get('kept_float') or [])} layers stay float because float was clearly faster there."
             )
         md = q.get("max_drop")
         if md:

@@ -77,7 +77,7 @@ class QuantizeSettings(PassConfig):
     skip: list[str] = Field(default_factory=list, description="layer names or glob patterns to keep float")
     latency_aware: bool = Field(True, description="time each layer float vs integer on ONNX Runtime and keep float where integer is slower")
     latency_threads: int = Field(0, ge=0, description="threads for the layer timings (0: all cores)")
-    latency_margin: float = Field(1.05, ge=1, description="integer must be this many times faster than float to be kept (1.05: 5%, above timing noise)")
+    latency_margin: float = Field(1.0, ge=1, description="a block goes back to float when float is clearly faster (in most timing rounds) by this factor")
     sensitivity: bool = Field(True, description="per-layer sensitivity table (one layer quantized at a time; needs an eval split)")
     max_drop: MaxDrop | None = Field(None, description="accuracy budget on the eval split; layers go back to higher precision until it holds")
     size_budget: float | None = Field(None, gt=0, le=1, description="largest size as a fraction of the float model; 8-bit layers drop to 4-bit (least sensitive first) until it holds")

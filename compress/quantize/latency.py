@@ -9,7 +9,8 @@ models on ONNX Runtime at batch 1 with the deployment's threads:
 1. layers are grouped into blocks by signature (type, config, weight and input
    shape): the six identical FFN projections of a transformer form one block;
 2. starting from everything in integer, each block in turn is tried in float,
-   and stays float when the whole model gets faster by more than the margin;
+   and stays float when the whole model is clearly faster that way (in the
+   median and in at least 4 of 5 alternating rounds, by the margin);
 3. the final model is timed against the all-float model, so the report can
    say plainly when the quantized model is slower than its source.
 
@@ -133,7 +134,7 @@ def place_by_latency(
         candidate = export(kept_float | set(block))
         runs = time_models({"current": current, "candidate": candidate}, feed, threads)
         t = {k: _median(v) for k, v in runs.items()}
-        faster_in_float = not clearly_faster(runs["current"], runs["candidate"], margin)  # integer must win clearly
+        faster_in_float = clearly_faster(runs["candidate"], runs["current"], margin)  # float must win clearly
         trials.append({"layers": block, "integer_ms": t["current"], "float_ms": t["candidate"], "kept_float": faster_in_float})
         if faster_in_float:
             kept_float |= set(block)

@@ -126,7 +126,8 @@ def estimated_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     for m in quant.values():
         c = m.cfg
-        total += m.weight.numel() * c.bits / 8 + m.w_scale.numel() * 4
+        stored_bits = 8 if c.mode == "static" else c.bits  # 4-bit conv weights travel in int8 (W4A8)
+        total += m.weight.numel() * stored_bits / 8 + m.w_scale.numel() * 4
         if not c.symmetric:
             total += m.w_zero.numel() * c.bits / 8
         seen.add(id(m.weight))

@@ -69,7 +69,7 @@ class TorchQuantizer:
         self.metrics: dict[str, Any] = {}
         self.transforms = list((artifact.builder or {}).get("transforms", []))
 
-    # -- 1-6: build, calibrate, place ---------------------------------------------
+    # -- plan, wrap, calibrate ------------------------------------------------------
     def prepare(self, model=None, qat: bool = False) -> None:
         """Plan, wrap and calibrate. With ``qat`` Conv+BN pairs stay unfolded (QAT folds them while
         training) and latency placement and bias correction are left to the caller."""
@@ -109,7 +109,10 @@ class TorchQuantizer:
         self.original_bias = {
             n: (m.bias.detach().clone() if m.bias is not None else None) for n, m in quant_layers(model).items()
         }
-        self.feeds = ctx.samples(cfg.activations.samples) if ctx.samples else []
+        n = cfg.activations.samples
+        if ctx.data is not None and ctx.data.has_split("calibration"):
+            n = min(n, len(ctx.data.split("calibration")))  # the pipeline cycles a short split; repeats add nothing
+        self.feeds = ctx.samples(n) if ctx.samples else []
         if not self.feeds:
             raise UserError("quantize.ptq needs calibration samples; add a data: section (data.calibration)")
         ctx.log(f"  calibrating {len(self.plan.layers)} layers on {len(self.feeds)} samples ({cfg.activations.calibration})")
@@ -311,8 +314,8 @@ class TorchQuantizer:
             if estimated_bytes(self.model) <= budget:
                 break
             cfg = self.plan.layers.get(name)
-            if cfg is None or cfg.bits == 4:
-                continue
+            if cfg is None or cfg.bits == 4 or cfg.mode == "static":
+                continue  # static layers stay int8 (4-bit convolution weights would still be stored in int8)
             new = replace(cfg, bits=4, mode="weight_only", group_size=self.cfg.weights.group_size) if cfg.mode == "dynamic" else replace(cfg, bits=4)
             if new.mode == "weight_only" and not _fits_blocks(self.model, name, new.group_size):
                 continue
