@@ -158,9 +158,10 @@ def test_no_traceback_from_real_process(tmp_path):
     assert "compress[0].train.supervised.epoch: unknown key; did you mean 'epochs'?" in proc.stderr
 
 
-def test_validate_command(tmp_path, capsys, root):
+@pytest.mark.parametrize("name", ["quickstart.yaml", "minilm_onnx.yaml", "minilm_int8.yaml"])
+def test_validate_command(tmp_path, capsys, root, name):
     with pytest.raises(SystemExit) as e:
-        main(["recipe", "validate", str(root / "examples/recipes/quickstart.yaml")])
+        main(["recipe", "validate", str(root / "examples/recipes" / name)])
     assert e.value.code == 0
     assert "valid" in capsys.readouterr().out
 

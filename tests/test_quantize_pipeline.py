@@ -103,3 +103,12 @@ report: {formats: [json]}
     err = capsys.readouterr().err
     assert "eval split" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "steps" / "01-quantize.ptq").exists()
+
+
+def test_export_of_an_unknown_step_is_a_clear_error(tmp_path, capsys):
+    text = TINY_DIGITS.replace("  - onnx: {opset: 17}\n", "  - onnx: {opset: 17}\n    of: quantize.ptq\n")
+    with pytest.raises(SystemExit) as e:
+        main(["recipe", "validate", str(write_recipe(tmp_path, text))])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "export[0].of" in err and "quantize.ptq" in err and len(err.splitlines()) == 1
