@@ -326,6 +326,9 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def main() -> None:
+    """All models, or those in BENCH_MODELS (comma-separated) with the other models' last rows kept."""
+    import json
+
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     only = os.environ.get("BENCH_MODELS")
@@ -334,6 +337,12 @@ def main() -> None:
             if only and name not in only.split(","):
                 continue
             rows += bench_model(name, spec, Path(tmp))
+    raw = RESULTS / "quantization.json"
+    if only and raw.is_file():
+        done = {r["model"] for r in rows}
+        kept = [r for r in json.loads(raw.read_text()) if r["model"] not in done]
+        rows = sorted(kept + rows, key=lambda r: list(MODELS).index(r["model"]))
+    fsio.write_json(raw, rows)
     write_table(rows, time.perf_counter() - started)
 
 

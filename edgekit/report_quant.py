@@ -63,6 +63,9 @@ def render_quant_section(steps: list[dict[str, Any]]) -> list[str]:
         if lat and not integer.get("integer_layers"):
             lines.append(f"Float was clearly faster than integer for every layer on ONNX Runtime here ({lat['threads']} threads, batch 1), "
                          "so the deployed model is the float one.")
+        elif lat and lat.get("whole_model_fallback"):
+            lines.append("Block by block no loss stood out of the timing noise, but the whole integer model was clearly slower "
+                         "than float here, so the timed layers went back to float.")
         elif lat:
             verdict = "faster" if lat["speedup"] >= 1 else "**slower**"
             lines.append(
