@@ -89,6 +89,9 @@ def _zoo(model: ModelSection, resolve) -> Artifact:
     from edgekit.models import create_model, model_info
 
     info = model_info(model.value)
+    import torch
+
+    torch.manual_seed(0)  # the same fresh weights every run, so step keys always mean the same model
     module = create_model(model.value, **model.args).eval()
     return Artifact(
         format="torch",

@@ -59,7 +59,7 @@ def test_onnx_only_model_is_quantized_and_counted(tmp_path):
 @pytest.mark.slow
 def test_backend_nncf_quantizes_the_same_recipe(tmp_path):
     text = TINY_DIGITS.replace(
-        "  - train.supervised: {epochs: 2}\n", "  - train.supervised: {epochs: 2}\n  - quantize.ptq: {backend: nncf}\n"
+        "  - train.supervised: {epochs: 2}\n", "  - train.supervised: {epochs: 12}\n  - quantize.ptq: {backend: nncf}\n"
     ).replace("export:\n  - onnx: {opset: 17}\n", "")
     report = _run(tmp_path, text)
     trained, nncf_step = report["steps"][1], report["steps"][2]
