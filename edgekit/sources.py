@@ -91,8 +91,9 @@ def _zoo(model: ModelSection, resolve) -> Artifact:
     info = model_info(model.value)
     import torch
 
-    torch.manual_seed(0)  # the same fresh weights every run, so step keys always mean the same model
-    module = create_model(model.value, **model.args).eval()
+    with torch.random.fork_rng():  # the same fresh weights every run, so a step key always means one model
+        torch.manual_seed(0)
+        module = create_model(model.value, **model.args).eval()
     return Artifact(
         format="torch",
         inputs=model.inputs or [s.model_copy() for s in info.inputs],

@@ -70,6 +70,11 @@ class ExportOnnx(Pass):
         cfg: OnnxConfig = self.config
         where = _where(ctx)
         started = time.perf_counter()
+        if artifact.meta.get("quantized") and (cfg.exporter != "torchscript" or cfg.opset < 13):
+            raise UserError(
+                f"a quantized model exports with {where}.exporter: torchscript and opset 13 or higher "
+                "(its layers write integer ops that need per-channel DequantizeLinear); change those settings"
+            )
         module = artifact.torch_module().eval()
         specs = artifact.inputs
         batch_dynamic = cfg.dynamic and isinstance(specs[0].shape[0], str)

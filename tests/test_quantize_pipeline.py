@@ -112,3 +112,15 @@ def test_export_of_an_unknown_step_is_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "export[0].of" in err and "quantize.ptq" in err and len(err.splitlines()) == 1
+
+
+def test_quantized_model_with_the_dynamo_exporter_is_a_clear_error(tmp_path, capsys):
+    text = TINY_DIGITS.replace(
+        "  - train.supervised: {epochs: 2}\n", "  - train.supervised: {epochs: 2}\n  - quantize.ptq: {latency_aware: false, sensitivity: false}\n"
+    ).replace("  - onnx: {opset: 17}\n", "  - onnx: {opset: 17, exporter: dynamo}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["compress", str(write_recipe(tmp_path, text)), "--run-dir", str(tmp_path / "run"), "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "exporter: torchscript" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "steps" / "03-export.onnx").exists()
