@@ -1,6 +1,5 @@
 """export.onnx: dynamic axes, onnx.checker, parity verification that catches real errors."""
 
-
 import numpy as np
 import pytest
 import torch

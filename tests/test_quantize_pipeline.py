@@ -69,40 +69,21 @@ def test_backend_nncf_quantizes_the_same_recipe(tmp_path):
     assert trained["metrics"]["accuracy"]["value"] - nncf_step["metrics"]["accuracy"]["value"] <= 0.05
 
 
+# bits: 3, per-channel activations and unknown calibration methods: tests/test_quantize_ptq.py
 @pytest.mark.parametrize(
     "setting, path",
     [
-        ("{weights: {bits: 3}}", "compress[1].quantize.ptq.weights.bits"),
-        ("{activations: {granularity: per_channel}}", "compress[1].quantize.ptq.activations"),
-        ("{activations: {calibration: kl_magic}}", "compress[1].quantize.ptq.activations.calibration"),
         ("{weights: {group_size: 48}}", "compress[1].quantize.ptq.weights"),
         ("{max_drop: {absolute: 0.01, relative: 0.01}}", "compress[1].quantize.ptq.max_drop"),
     ],
 )
-def test_bad_quantize_configs_fail_with_one_line_naming_the_key(tmp_path, capsys, setting, path):
+def test_bad_group_size_and_max_drop_fail_with_one_line_naming_the_key(tmp_path, capsys, setting, path):
     text = TINY_DIGITS.replace("  - train.supervised: {epochs: 2}\n", f"  - train.supervised: {{epochs: 2}}\n  - quantize.ptq: {setting}\n")
     with pytest.raises(SystemExit) as e:
         main(["recipe", "validate", str(write_recipe(tmp_path, text))])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and path in err and "Traceback" not in err
-
-
-def test_max_drop_without_eval_data_is_a_user_error(tmp_path, capsys):
-    text = """
-name: no-eval
-model: {source: zoo:digits_cnn_tiny}
-data: {calibration: {source: sklearn:digits, samples: 8}}
-compress:
-  - quantize.ptq: {max_drop: {absolute: 0.01}, latency_aware: false}
-report: {formats: [json]}
-"""
-    with pytest.raises(SystemExit) as e:
-        main(["compress", str(write_recipe(tmp_path, text)), "--run-dir", str(tmp_path / "run"), "--quiet"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "eval split" in err and "Traceback" not in err
-    assert not (tmp_path / "run" / "steps" / "01-quantize.ptq").exists()
 
 
 def test_export_of_an_unknown_step_is_a_clear_error(tmp_path, capsys):

@@ -348,14 +348,13 @@ def test_ptq_pass_end_to_end_exports_integer_onnx_and_reloads(tmp_path, live_ptq
 
 # -- 5. max_drop --------------------------------------------------------------------
 
-# top1 (the recipe's own metric; at this seed 4 bits everywhere costs 2 of 120 eval samples) and
-# cosine to the float outputs, which any quantization lowers, so every layer must back off
-@pytest.mark.parametrize("metric, seed", [("cosine", 0)])  # top1 on 120 samples flips with the model init
-def test_max_drop_backs_layers_off_until_the_budget_holds(tmp_path, metric, seed):
+# cosine to the float outputs: any quantization lowers it, so with a budget of 0 every layer must back
+# off (top-1 on 120 samples is too coarse: whether 4 bits cost a sample depends on the model's init)
+def test_max_drop_backs_layers_off_until_the_budget_holds(tmp_path):
+    metric = "cosine"
     text = _recipe("{weights: {bits: 4}, max_drop: {absolute: 0.0}, latency_aware: false, sensitivity: false}", export=False)
-    if metric == "cosine":
-        text = text.replace("eval: {samples: 120}", "eval: {samples: 120, metric: cosine}")
-    _pipeline(tmp_path, text, seed=seed)
+    text = text.replace("eval: {samples: 120}", "eval: {samples: 120, metric: cosine}")
+    _pipeline(tmp_path, text, seed=0)
     folder = tmp_path / "run/steps/02-quantize.ptq"
     manifest = json.loads((folder / "manifest.json").read_text())
     q = manifest["metrics"]["quantize"]
@@ -381,12 +380,8 @@ def test_max_drop_backs_layers_off_until_the_budget_holds(tmp_path, metric, seed
         assert all(r["drop"] > 0 for r in rounds[:-1])  # it stops as soon as the budget holds
     else:
         assert floated == planned  # it gives up only with every layer back to float
-    if metric == "top1":  # drops are multiples of 1/120: the rounded record decides as the pass did
-        assert md["met"] == (md["final_drop"] <= md["allowed"])
-        assert manifest["metrics"]["accuracy"]["value"] == pytest.approx(q["accuracy"]["quantized"], abs=1e-6)
-    else:
-        assert len(rounds) == 8 and floated == planned
-        assert md["final_drop"] < 1e-4  # all float again (BN folded), so the outputs are the float ones
+    assert len(rounds) == 8 and floated == planned
+    assert md["final_drop"] < 1e-4  # all float again (BN folded), so the outputs are the float ones
     # the final plan is what the artifact records and rebuilds
     assert {n for n, why in q["skipped"].items() if why == "moved to float by max_drop"} == floated
     layers = json.loads((folder / "artifact/artifact.json").read_text())["builder"]["transforms"][-1]["args"]["layers"]

@@ -120,15 +120,18 @@ def collect_stats(
     return stats
 
 
-def set_qparams(model: nn.Module, stats: dict[str, InputStats], clip_search: bool, smooth_alpha: float | None = None) -> dict[str, float | None]:
+def set_qparams(
+    model: nn.Module, stats: dict[str, InputStats], clip_search: bool, smooth_alpha: float | None = None,
+    names: list[str] | None = None,
+) -> dict[str, float | None]:
     """Smoothing, weight scales (clipping search weighted by input energy) and static input ranges.
 
     For smoothed layers ``smooth_alpha`` is a starting point: the strength with the
     smallest output error on the kept calibration inputs wins (None: no smoothing).
-    Returns the chosen strength per smoothed layer.
+    Only the layers in ``names`` are set, when given. Returns the chosen strength per smoothed layer.
     """
     chosen: dict[str, float | None] = {}
-    layers = quant_layers(model)
+    layers = {n: m for n, m in quant_layers(model).items() if names is None or n in names}
     groups: dict[tuple, list[str]] = {}
     for name, layer in layers.items():
         st = stats.get(name)
@@ -207,7 +210,7 @@ def _act_spec(layer: _QuantBase):
 
 
 @torch.no_grad()
-def correct_bias(model: nn.Module, stats: dict[str, InputStats]) -> list[str]:
+def correct_bias(model: nn.Module, stats: dict[str, InputStats], names: list[str] | None = None) -> list[str]:
     """Bias correction: remove the mean output shift that weight rounding causes.
 
     With E[x] the mean input per feature, quantized weights shift the output mean
@@ -217,6 +220,8 @@ def correct_bias(model: nn.Module, stats: dict[str, InputStats]) -> list[str]:
     """
     corrected = []
     for name, layer in quant_layers(model).items():
+        if names is not None and name not in names:
+            continue
         st = stats.get(name)
         if layer.bias is None or st is None or not st.count or isinstance(layer, QuantEmbedding):
             continue

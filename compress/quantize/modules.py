@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .primitives import fake_quant
+
 MODES = ("dynamic", "static", "weight_only")
 MS_DOMAIN = "com.microsoft"
 
@@ -62,16 +64,6 @@ class LayerConfig:
 
 
 # -- fake quantization ------------------------------------------------------------
-
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int, ste: bool = False) -> torch.Tensor:
-    """Quantize-dequantize ``x`` (broadcasting scale/zero); with ``ste`` the gradient passes inside the range."""
-    unclamped = torch.round(x / scale) + zero
-    out = (torch.clamp(unclamped, qmin, qmax) - zero) * scale
-    if not ste:
-        return out
-    inside = (unclamped >= qmin) & (unclamped <= qmax)
-    return torch.where(inside, x + (out - x).detach(), out.detach())
-
 
 def dynamic_act_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point as ONNX DynamicQuantizeLinear computes them (uint8, range widened to 0)."""
@@ -135,6 +127,21 @@ class _QuantBase(nn.Module):
         groups = cols // self.cfg.group_size if self.cfg.group_size else 1
         self.register_buffer("w_scale", torch.ones(rows, groups))
         self.register_buffer("w_zero", torch.zeros(rows, groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.float_forward(x)
+        if torch.jit.is_tracing():
+            return _export_node(x, self)
+        return self.simulate(x)
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The original float layer."""
+        raise NotImplementedError
+
+    def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer inference simulated in float (fake quantization)."""
+        raise NotImplementedError
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the integer kernel sees (smoothing folded in when the layer has it)."""
@@ -248,12 +255,8 @@ class QuantLinear(_QuantBase):
         s = input_absmax.float().clamp_min(1e-5) ** alpha / w_absmax ** (1 - alpha)
         self.smooth.copy_(s.clamp(1e-2, 1e2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return F.linear(x, self.weight, self.bias)
-        if torch.jit.is_tracing():
-            return _export_node(x, self)
-        return self.simulate(x)
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quant_input(x), self.quant_weight(self.training), self.bias)
@@ -277,12 +280,8 @@ class QuantConv2d(_QuantBase):
             self.register_buffer("o_scale", torch.tensor(1.0))
             self.register_buffer("o_zero", torch.tensor(0.0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if torch.jit.is_tracing():
-            return _export_node(x, self)
-        return self.simulate(x)
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def quant_bias(self) -> torch.Tensor | None:
         """The bias on the int32 grid of input scale x weight scale, as integer runtimes add it."""
@@ -312,12 +311,8 @@ class QuantEmbedding(_QuantBase):
         self.padding_idx = emb.padding_idx
         self._init_weight_qparams(emb.num_embeddings, emb.embedding_dim)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return F.embedding(ids, self.weight, self.padding_idx)
-        if torch.jit.is_tracing():
-            return _export_node(ids, self)
-        return self.simulate(ids)
+    def float_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx)
 
     def simulate(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.quant_weight(self.training), self.padding_idx)

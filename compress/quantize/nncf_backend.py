@@ -27,7 +27,7 @@ def quantize_with_nncf(artifact: Artifact, cfg: QuantizeSettings, ctx: PassConte
         raise UserError("backend: nncf needs NNCF: pip install 'edgekit[nncf]' (or remove backend: nncf)") from None
     import onnx
 
-    from edgekit.export.onnx import _save
+    from edgekit.export.onnx import EXTERNAL_DATA_BYTES, _save
 
     if cfg.max_drop is not None or cfg.size_budget is not None:
         raise UserError("max_drop and size_budget are edgekit-backend features; remove them or the backend: nncf line")
@@ -48,7 +48,7 @@ def quantize_with_nncf(artifact: Artifact, cfg: QuantizeSettings, ctx: PassConte
                 model, nncf.Dataset(feeds), preset=preset, subset_size=len(feeds), model_type=model_type, ignored_scope=ignored,
             )
             how = f"int8 {preset.value}" + (", transformer" if model_type else "")
-    files = _save(result, ctx.workdir, large=result.ByteSize() > 2**31 - 2**26)
+    files = _save(result, ctx.workdir, large=result.ByteSize() > EXTERNAL_DATA_BYTES)
     onnx.checker.check_model(str(ctx.workdir / files["model"]))
     ctx.metrics["quantize"] = {"backend": "nncf", "nncf": nncf.__version__, "method": how, "calibration_samples": len(feeds)}
     return artifact.derive(format="onnx", folder=ctx.workdir, files=files, builder=None, module=None)

@@ -121,36 +121,34 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
     return (qf - zp) * s
 
 
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int, ste: bool = False) -> torch.Tensor:
+    """Quantize-dequantize ``x`` on the grid [qmin, qmax] (scale / zero already broadcastable).
+
+    With ``ste`` the gradient is the straight-through estimator (whitepaper 3.2): 1 where
+    x is inside the range, 0 where it was clamped; scale and zero point get none.
+    """
+    unclamped = torch.round(x / scale) + zero
+    out = (torch.clamp(unclamped, qmin, qmax) - zero) * scale
+    if not ste:
+        return out
+    inside = (unclamped >= qmin) & (unclamped <= qmax)
+    return torch.where(inside, x + (out - x).detach(), out.detach())
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize then dequantize, staying in x's float dtype (simulated quantization)."""
     s = _broadcast(scale, x, spec).to(x.dtype)
     zp = _broadcast(zero_point, x, spec).to(x.dtype)
-    return (_grid(x, scale, zero_point, spec) - zp) * s
-
-
-class _FakeQuantizeSTE(torch.autograd.Function):
-    """Straight-through estimator (whitepaper 3.2): identity gradient inside the clamp range."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, spec):  # type: ignore[override]
-        s = _broadcast(scale, x, spec).to(x.dtype)
-        zp = _broadcast(zero_point, x, spec).to(x.dtype)
-        unclamped = torch.round(x / s) + zp
-        ctx.save_for_backward((unclamped >= spec.qmin) & (unclamped <= spec.qmax))
-        return (torch.clamp(unclamped, spec.qmin, spec.qmax) - zp) * s
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (inside,) = ctx.saved_tensors
-        # Scale and zero point are fixed here (not learned), so they get no gradient.
-        return grad_output * inside.to(grad_output.dtype), None, None, None
+    return fake_quant(x, s, zp, spec.qmin, spec.qmax)
 
 
 def fake_quantize_ste(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
 ) -> torch.Tensor:
     """``fake_quantize`` with a straight-through gradient: 1 where x is inside the range, 0 outside."""
-    return _FakeQuantizeSTE.apply(x, scale, zero_point, spec)
+    s = _broadcast(scale, x, spec).to(x.dtype)
+    zp = _broadcast(zero_point, x, spec).to(x.dtype)
+    return fake_quant(x, s, zp, spec.qmin, spec.qmax, ste=True)
 
 
 def weight_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,6 @@ import os
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 
 from edgekit.artifact import Artifact
 from edgekit.errors import UserError
@@ -154,16 +153,14 @@ class TorchQuantizer:
 
     def _correct_bias(self, names: list[str]) -> None:
         from .calibrate import correct_bias
-        from .modules import quant_layers
-
-        from .modules import QuantConv2d
+        from .modules import QuantConv2d, quant_layers
 
         if self.cfg.bias_correction is False:
             return
         layers = quant_layers(self.model)
         if self.cfg.bias_correction == "auto":
             names = [n for n in names if isinstance(layers.get(n), QuantConv2d)]
-        correct_bias(_Subset(layers, names), self.stats)
+        correct_bias(self.model, self.stats, names)
 
     def _set_layer(self, name: str, layer_cfg) -> None:
         """Put layer ``name`` back to float (``None``) or re-quantize it with another config."""
@@ -198,7 +195,7 @@ class TorchQuantizer:
         setattr(owner, attr, new)
         self.plan.layers[name] = layer_cfg
         stats = {name: self.stats[name]} if name in self.stats else {}
-        set_qparams(_Only(self.model, name), stats, self.cfg.weights.clip_search, self.cfg.activations.smooth)
+        set_qparams(self.model, stats, self.cfg.weights.clip_search, self.cfg.activations.smooth, names=[name])
         self._correct_bias([name])
 
     # -- 7: accuracy ---------------------------------------------------------------
@@ -307,7 +304,9 @@ class TorchQuantizer:
         """Drop 8-bit layers to 4-bit, least sensitive first, until the estimated size fits."""
         from .plan import estimated_bytes
 
-        float_bytes = _float_bytes(self.float_model)
+        from edgekit.artifact import torch_state_bytes
+
+        float_bytes = torch_state_bytes(self.float_model)
         budget = self.cfg.size_budget * float_bytes
         lowered = []
         for name in sorted(drops, key=lambda n: drops[n]):
@@ -350,29 +349,6 @@ class TorchQuantizer:
         return self.artifact.derive(module=self.model.eval(), builder=builder, meta=meta)
 
 
-class _Subset:
-    """Looks like a model to ``correct_bias`` but exposes only some quantized layers."""
-
-    def __init__(self, layers: dict, names: list[str]):
-        self._layers = {n: layers[n] for n in names if n in layers}
-
-    def named_modules(self):
-        return iter(self._layers.items())
-
-
-class _Only(_Subset):
-    def __init__(self, model, name: str):
-        from .modules import quant_layers
-
-        super().__init__(quant_layers(model), [name])
-
-
-def _float_bytes(model) -> int:
-    from edgekit.artifact import torch_state_bytes
-
-    return torch_state_bytes(model)
-
-
 def _fits_blocks(model, name: str, group: int) -> bool:
     layer = model.get_submodule(name)
     return layer.weight.shape[1] % group == 0
@@ -392,7 +368,7 @@ def _r(v: float) -> float:
 def _quantize_onnx_artifact(artifact: Artifact, cfg: QuantizeSettings, ctx: PassContext) -> Artifact:
     import onnx
 
-    from edgekit.export.onnx import _save
+    from edgekit.export.onnx import EXTERNAL_DATA_BYTES, _save
 
     from .onnx_graph import quantize_onnx
     from .plan import resolve_reduce_range
@@ -404,7 +380,7 @@ def _quantize_onnx_artifact(artifact: Artifact, cfg: QuantizeSettings, ctx: Pass
     quantized, report = quantize_onnx(
         model, feeds, reduce_range=resolve_reduce_range(cfg.weights.reduce_range), skip=cfg.skip, static_conv=cfg.convolutions
     )
-    files = _save(quantized, ctx.workdir, large=quantized.ByteSize() > 2**31 - 2**26)
+    files = _save(quantized, ctx.workdir, large=quantized.ByteSize() > EXTERNAL_DATA_BYTES)
     ctx.metrics["quantize"] = {
         "backend": "edgekit-onnx",
         "quantized_layers": len(report["quantized"]),
@@ -415,7 +391,3 @@ def _quantize_onnx_artifact(artifact: Artifact, cfg: QuantizeSettings, ctx: Pass
     if report["skipped"]:
         ctx.log(f"  {len(report['skipped'])} weight ops left float: " + "; ".join(f"{s['node']} ({s['reason']})" for s in report["skipped"][:5]))
     return artifact.derive(folder=ctx.workdir, files=files)
-
-
-def feeds_as_numpy(feeds: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
-    return [{k: np.asarray(v) for k, v in f.items()} for f in feeds]

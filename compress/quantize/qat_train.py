@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekit.passes import PassContext
-from edgekit.runtimes.torch_eager import call_module
+from edgekit.runtimes.torch_eager import call_module, flatten_outputs
 
 from .modules import QuantConv2d, fake_quant, quant_layers
 
@@ -57,10 +57,12 @@ class QuantConvBn2d(QuantConv2d):
         amax = self.effective_weight().detach().abs().flatten(1).amax(1).clamp_min(1e-8)
         self.w_scale.copy_((amax / qmax).reshape(-1, 1))
 
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.bn(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups))
-        return self.simulate(x)
+        # never exported as is: the pass turns it into its folded QuantConv2d first (to_folded)
+        return self.simulate(x) if self.enabled else self.float_forward(x)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.cfg.a_qrange
@@ -166,12 +168,12 @@ def train(model: nn.Module, split, names: list[str], cfg, ctx: PassContext, teac
             _freeze(model, step >= cfg.freeze_bn_after)
             idx = order[i : i + cfg.batch_size]
             inputs = [x[k][idx] for k in names]
-            out = _first(call_module(model, dict(zip(names, inputs)), names))
+            out = flatten_outputs(call_module(model, dict(zip(names, inputs)), names))[0]
             if teacher is None:
                 loss = F.cross_entropy(out, y[idx])
             else:
                 with torch.no_grad():
-                    target = _first(call_module(teacher, dict(zip(names, inputs)), names))
+                    target = flatten_outputs(call_module(teacher, dict(zip(names, inputs)), names))[0]
                 loss = F.mse_loss(out, target) / target.pow(2).mean().clamp_min(1e-12)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,14 +193,6 @@ def train(model: nn.Module, split, names: list[str], cfg, ctx: PassContext, teac
         "loss_per_epoch": losses,
         "seconds": round(time.perf_counter() - started, 2),
     }
-
-
-def _first(out):
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "to_tuple"):
-        return out.to_tuple()[0]
-    return out
 
 
 def _freeze(model: nn.Module, frozen: bool) -> None:
