@@ -30,6 +30,8 @@ BUILTIN_PASS_MODULES = (
     "edgekit.compress.quantize.ptq",
     "edgekit.compress.quantize.qat",
     "edgekit.export.onnx",
+    "edgekit.export.tflite",
+    "edgekit.export.tvm",
 )
 
 
@@ -48,6 +50,7 @@ class PassContext:
     dims: dict[str, int] = field(default_factory=dict)  # sizes of named dynamic dims
     seed: int = 0
     cache_dir: Path | None = None  # shared across runs (e.g. trained weights)
+    run_dir: Path | None = None  # this run's folder: state a rerun of the recipe reuses (e.g. TVM tuning records)
     key: str = ""  # this step's cache key (hash of input, pass, config, data)
     progress: Callable[..., Any] | None = None  # progress(iterable, description=, total=) -> iterable
     log: Callable[[str], None] = print

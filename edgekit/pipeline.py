@@ -207,6 +207,7 @@ class Pipeline:
                 dims=self.dims,
                 seed=self.recipe.seed,
                 cache_dir=self.cache_dir,
+                run_dir=self.run_dir,
                 key=key,
                 progress=self.out.track,
                 log=self.out.log,
@@ -275,7 +276,7 @@ class Pipeline:
         return evaluate(artifact, split, metric, reference)
 
     def _bench(self, artifact: Artifact) -> list[dict[str, Any]]:
-        from edgekit.runtimes import get_runtime
+        from edgekit.runtimes import get_runtime, runtime_options, to_model_layout
         from edgekit.runtimes.bench import benchmark, make_batch
 
         b = self.recipe.bench
@@ -295,18 +296,19 @@ class Pipeline:
                         self.out.log(f"  [yellow]skip bench batch {batch}: the model's batch dim is fixed[/yellow]")
                         continue
                     self.out.log(f"  bench {rt_name} threads={threads} batch={batch}")
-                    results.append(
-                        benchmark(
-                            artifact,
-                            rt_name,
-                            make_batch(feeds1, batch),
-                            threads=threads,
-                            warmup=b.warmup,
-                            repeats=b.repeats,
-                            options={"graph_optimization": b.graph_optimization} if rt_name == "onnxruntime" else {},
-                            isolate=b.isolate,
+                    feeds = to_model_layout(artifact, make_batch(feeds1, batch))
+                    options = runtime_options(rt_name, b)
+                    if b.device == "local":
+                        row = benchmark(
+                            artifact, rt_name, feeds, threads=threads, warmup=b.warmup, repeats=b.repeats, options=options, isolate=b.isolate
                         )
-                    )
+                    else:
+                        from edgekit.runtimes.device import benchmark_remote, parse_device
+
+                        row = benchmark_remote(
+                            artifact, rt_name, feeds, parse_device(b.device), threads=threads, warmup=b.warmup, repeats=b.repeats, options=options
+                        )
+                    results.append(row)
         return results
 
     # -- report ------------------------------------------------------------

@@ -22,7 +22,7 @@ from edgekit.passes import Pass, PassConfig, canonical_name, registry, suggest
 
 SOURCE_KINDS = ("zoo", "onnx", "torch", "hf", "python")
 DATA_KINDS = ("sklearn", "text", "npz", "images")
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "litert", "tvm", "torch")
 METRICS = ("top1", "cosine", "max_abs", "mean_abs")
 
 
@@ -107,14 +107,29 @@ class DataSection(Strict):
 
 
 class BenchSection(Strict):
-    runtimes: list[Literal["onnxruntime", "torch"]] = Field(default_factory=lambda: ["onnxruntime"])
-    device: Literal["local"] = "local"
+    runtimes: list[Literal["onnxruntime", "litert", "tvm", "torch"]] = Field(
+        default_factory=lambda: ["onnxruntime"], description="each runtime times the exports it can load"
+    )
+    device: str = Field(
+        "local", description="local, or ssh://user@host[:port] to time the exports on that device (keys or an agent; known_hosts is checked)"
+    )
+    xnnpack: bool = Field(True, description="litert: run with the XNNPACK delegate")
     threads: list[int] = Field(default_factory=lambda: [1])
     batch_sizes: list[int] = Field(default_factory=lambda: [1])
     warmup: int = Field(10, ge=0)
     repeats: int = Field(50, ge=1)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     isolate: bool = Field(True, description="time each model in its own process (clean peak RSS, no idle thread pools)")
+
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        if v != "local":
+            from edgekit.runtimes.device import parse_device
+
+            parse_device(v)  # raises ValueError naming the expected form
+        return v
 
 
 class ReportSection(Strict):

@@ -15,9 +15,11 @@ from edgekit.runtimes.base import Runtime, Session
 
 _ADAPTERS = {
     "onnxruntime": "edgekit.runtimes.onnxruntime:OnnxRuntime",
+    "litert": "edgekit.runtimes.litert:LiteRT",
+    "tvm": "edgekit.runtimes.tvm:TvmRuntime",
     "torch": "edgekit.runtimes.torch_eager:TorchEager",
 }
-_DEFAULTS = {"torch": "torch", "onnx": "onnxruntime"}
+_DEFAULTS = {"torch": "torch", "onnx": "onnxruntime", "tflite": "litert", "tvm": "tvm"}
 
 
 def runtime_names() -> list[str]:
@@ -39,11 +41,43 @@ def default_runtime(fmt: str) -> str:
     return _DEFAULTS[fmt]
 
 
+def runtime_options(name: str, bench: Any) -> dict[str, Any]:
+    """The settings of a recipe's bench section that the runtime ``name`` takes."""
+    if name == "onnxruntime":
+        return {"graph_optimization": bench.graph_optimization}
+    if name == "litert":
+        return {"xnnpack": bench.xnnpack}
+    return {}
+
+
 def load_session(artifact: Artifact, runtime: str | None = None, threads: int | None = None, **options: Any) -> Session:
     rt = get_runtime(runtime or default_runtime(artifact.format))
     if artifact.format not in rt.formats:
         raise UserError(f"runtime {rt.name} runs {', '.join(rt.formats)} models, not {artifact.format}")
-    return rt.load(artifact, threads=threads, **options)
+    session = rt.load(artifact, threads=threads, **options)
+    if artifact.meta.get("channel_last_inputs"):
+        return _SourceLayout(session, artifact.meta["channel_last_inputs"])
+    return session
 
 
-__all__ = ["Runtime", "Session", "default_runtime", "get_runtime", "load_session", "runtime_names"]
+def to_model_layout(artifact: Artifact, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Feeds in the source model's layout (NCHW) -> the export's, for inputs it takes channels-last."""
+    names = artifact.meta.get("channel_last_inputs") or ()
+    return {k: (v.transpose(0, 2, 3, 1).copy() if k in names else v) for k, v in feeds.items()}
+
+
+class _SourceLayout(Session):
+    """Lets probes feed source-layout (NCHW) data to an export that takes some inputs channels-last."""
+
+    def __init__(self, inner: Session, names: list[str]):
+        self._inner, self._names = inner, set(names)
+        self.input_names, self.output_names = inner.input_names, inner.output_names
+
+    def run(self, feeds):
+        return self._inner.run({k: (v.transpose(0, 2, 3, 1).copy() if k in self._names else v) for k, v in feeds.items()})
+
+    def describe(self):
+        return self._inner.describe()
+
+
+__all__ = ["Runtime", "Session", "default_runtime", "get_runtime", "load_session", "runtime_names", "runtime_options", "to_model_layout"]

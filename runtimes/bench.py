@@ -89,10 +89,10 @@ def benchmark(
     if isolate:
         result = _run_child(artifact, runtime, feeds, threads, warmup, repeats, options)
     else:
-        from edgekit.runtimes import load_session
+        from edgekit.runtimes import get_runtime
 
         baseline = peak_rss_mb()
-        session = load_session(artifact, runtime, threads=threads, **options)
+        session = get_runtime(runtime).load(artifact, threads=threads, **options)  # feeds come in the model's own layout
         times = time_session(session, feeds, warmup, repeats)
         result = {
             **summarize(times, batch_size),

@@ -218,6 +218,23 @@ class _QuantBase(nn.Module):
         self.o_scale.fill_(scale)
         self.o_zero.fill_(zero)
 
+    # -- deploy form: for converters that quantize from plain float layers (LiteRT) --
+    def input_range(self) -> tuple[float, float] | None:
+        """The static input range (lo, hi) the integer kernel represents; None unless static."""
+        if not self.enabled or self.cfg.mode != "static":
+            return None
+        qmin, qmax = self.cfg.a_qrange
+        scale, zero = float(self.a_scale), float(self.a_zero)
+        return (qmin - zero) * scale, (qmax - zero) * scale
+
+    def dequantized_layer(self) -> nn.Module:
+        """A float layer holding the dequantized weight (the original layer when disabled).
+
+        Its weight sits exactly on this layer's integer grid, so a converter that
+        quantizes it per channel recovers the same integers and scales.
+        """
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         c = self.cfg
         group = f", group={c.group_size}" if c.group_size else ""
@@ -258,6 +275,16 @@ class QuantLinear(_QuantBase):
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def dequantized_layer(self) -> nn.Module:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(self.quant_weight() if self.enabled else self.weight)
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        if self.enabled and self.cfg.smooth:
+            return nn.Sequential(_Scale(1.0 / self.smooth), layer)
+        return layer
+
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quant_input(x), self.quant_weight(self.training), self.bias)
 
@@ -282,6 +309,18 @@ class QuantConv2d(_QuantBase):
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def dequantized_layer(self) -> nn.Module:
+        out_ch, in_per_group = self.weight.shape[:2]
+        layer = nn.Conv2d(
+            in_per_group * self.groups, out_ch, tuple(self.weight.shape[2:]), self.stride, self.padding,
+            self.dilation, self.groups, bias=self.bias is not None,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(self.quant_weight() if self.enabled else self.weight)
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
 
     def quant_bias(self) -> torch.Tensor | None:
         """The bias on the int32 grid of input scale x weight scale, as integer runtimes add it."""
@@ -316,6 +355,21 @@ class QuantEmbedding(_QuantBase):
 
     def simulate(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.quant_weight(self.training), self.padding_idx)
+
+    def dequantized_layer(self) -> nn.Module:
+        weight = self.quant_weight() if self.enabled else self.weight
+        return nn.Embedding.from_pretrained(weight.detach().clone(), freeze=True, padding_idx=self.padding_idx)
+
+
+class _Scale(nn.Module):
+    """Multiplies by a per-feature factor (a SmoothQuant divisor in the deploy form)."""
+
+    def __init__(self, factor: torch.Tensor):
+        super().__init__()
+        self.register_buffer("factor", factor.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
 
 
 QUANT_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, nn.Embedding: QuantEmbedding}
