@@ -198,18 +198,33 @@ def _bench_section(steps: list[dict[str, Any]]) -> list[str]:
     entries = [(s.get("id", DASH), b) for s in steps for b in (s.get("metrics") or {}).get("bench") or []]
     if not entries:
         return []
+    devices: dict[str, dict[str, Any]] = {}
     rows = []
     for sid, b in entries:
         lat = b.get("latency_ms") or {}
         version = b.get("runtime_version")
+        device = b.get("device") or {}
+        where = device.get("url") or "local"
+        devices.setdefault(where, device)
         rows.append([
-            sid, f"{b.get('runtime')} {version}" if version else b.get("runtime"), b.get("threads"), b.get("batch_size"),
+            sid, f"{b.get('runtime')} {version}" if version else b.get("runtime"), where, b.get("threads"), b.get("batch_size"),
             _num(lat.get("p50"), ".3f"), _num(lat.get("p90"), ".3f"), _num(lat.get("p99"), ".3f"),
             _rate(b.get("throughput_sps")), _num(b.get("peak_rss_mb"), ".0f", " MB"),
         ])
     lines = ["", "## Benchmarks", ""]
-    lines += _table(["Step", "Runtime", "Threads", "Batch", "p50 ms", "p90 ms", "p99 ms", "Throughput (samples/s)", "Peak RSS"],
-                    rows, right={2, 3, 4, 5, 6, 7, 8})
+    lines += _table(["Step", "Runtime", "Device", "Threads", "Batch", "p50 ms", "p90 ms", "p99 ms", "Throughput (samples/s)", "Peak RSS"],
+                    rows, right={3, 4, 5, 6, 7, 8, 9})
+    remote = {k: d for k, d in devices.items() if k != "local"}
+    if remote:
+        lines += ["", "Devices: local is the machine under Setup."]
+        for url, d in remote.items():
+            lines.append(
+                f"- {url}: {d.get('cpu', DASH)}, {d.get('cores', '?')} cores, {d.get('machine', DASH)}; {d.get('os', DASH)}; "
+                f"Python {d.get('python', DASH)}"
+            )
+    for sid, tvm in [(s.get("id", DASH), (s.get("metrics") or {}).get("tvm")) for s in steps]:
+        if tvm:
+            lines += ["", f"{sid}: {describe_tvm_build(tvm)}"]
     settings = {(b.get("warmup"), b.get("repeats"), b.get("isolated")) for _, b in entries}
     if len(settings) == 1:
         warmup, repeats, isolated = settings.pop()
@@ -217,6 +232,14 @@ def _bench_section(steps: list[dict[str, Any]]) -> list[str]:
             where = "each model in its own process" if isolated else "in the pipeline's process"
             lines += ["", f"Latency of one call in ms: {warmup} warm-up calls, then {repeats} timed calls, {where}."]
     return lines
+
+
+def describe_tvm_build(tvm: dict[str, Any]) -> str:
+    """One sentence on how a TVM build was made: tuned or not, and what tuning cost."""
+    if tvm.get("tuned"):
+        reused = " (records reused from an earlier run)" if tvm.get("tuning_reused") else ""
+        return f"TVM build tuned with MetaSchedule, {tvm.get('trials', '?')} trials in {_num(tvm.get('tuning_seconds'), '.0f', ' s')}{reused}."
+    return "TVM build untuned (TVM's default CPU schedules)."
 
 
 def _parity_section(steps: list[dict[str, Any]]) -> list[str]:

@@ -201,8 +201,18 @@ def quantize(
 
     result = None
     if q.need_calibration:
-        data = {SIGNATURE: [{f"args_{i}": row[n] for i, n in enumerate(input_names)} for row in calibration]}
-        result = q.calibrate(data, num_threads=1)
+        # int64 inputs (token ids) become int32 in the TFLite model
+        dtypes = {k: d["dtype"] for k, d in _interpreter(float_path).get_signature_runner().get_input_details().items()}
+        data = {
+            SIGNATURE: [
+                {f"args_{i}": row[n].astype(dtypes.get(f"args_{i}", row[n].dtype), copy=False) for i, n in enumerate(input_names)}
+                for row in calibration
+            ]
+        }
+        try:
+            result = q.calibrate(data, num_threads=1)
+        except (ValueError, RuntimeError) as e:
+            raise StepFailed(f"calibrating the TFLite model failed ({str(e).strip().splitlines()[0][:200]}); try another {where}.quantize") from None
         for tensor, (lo, hi) in overrides.items():
             if tensor in result:
                 result[tensor] = {"min": np.array([lo], np.float32), "max": np.array([hi], np.float32)}
@@ -224,12 +234,10 @@ def _edgekit_recipe(q, float_path: Path, layers: list[DeployLayer], qtyping) -> 
     """Per-op configs from the edgekit plan; returns the input ranges to impose and a summary."""
     ops = _weight_ops(_interpreter(float_path))
     matched = match_layers(ops, layers)
+    # a layer with no weight op left was folded into a constant (e.g. position embeddings read at fixed
+    # positions) or removed as unused (e.g. a pooler whose output the model never returns): it stays as the
+    # converter made it, with its dequantized values, and the report lists it
     unmatched = [lay.name for lay in layers if lay not in matched.values() and lay.mode != "float"]
-    if unmatched:
-        raise StepFailed(
-            f"the TFLite model has no op holding the weight of quantized layer(s) {', '.join(unmatched[:5])} "
-            "(the converter changed them); export the float step with of: and quantize: int8 instead"
-        )
     op_name = qtyping.TFLOperationName
     static = any(lay.mode == "static" for lay in matched.values())
     if static:
@@ -262,7 +270,10 @@ def _edgekit_recipe(q, float_path: Path, layers: list[DeployLayer], qtyping) -> 
                 regridded.append(lay.name)
         if lay.mode in ("static", "dynamic") and lay.reduce_range:
             regridded.append(lay.name)
-    summary = {"matched_layers": len(matched), "layers": len(layers), "layer_modes": modes, "regridded_layers": regridded}
+    summary = {
+        "matched_layers": len(matched), "layers": len(layers), "layer_modes": modes,
+        "regridded_layers": regridded, "folded_or_unused_layers": unmatched,
+    }
     return overrides, summary
 
 
