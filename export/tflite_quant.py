@@ -108,22 +108,24 @@ def _interpreter(path: Path):
 
 
 def op_summary(path: Path) -> dict[str, Any]:
-    """Op counts of a TFLite model and how many weight ops run integer kernels."""
-    it = _interpreter(path)
-    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    """Op counts of a TFLite model and the storage types of its weight ops' weights (INT8, INT4, FLOAT32...)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(Path(path).read_bytes(), 0)
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
     counts: dict[str, int] = {}
-    integer = total = 0
-    for op in it._get_ops_details():
-        name = op["op_name"]
-        if name == "DELEGATE":
-            continue
-        counts[name] = counts.get(name, 0) + 1
-        if name in WEIGHT_OPS and len(op["inputs"]) > 1:
-            total += 1
-            w = tensors.get(int(op["inputs"][1]))
-            if w is not None and np.dtype(w["dtype"]).kind in "iu":
-                integer += 1
-    return {"op_counts": dict(sorted(counts.items())), "weight_ops": total, "integer_weight_ops": integer}
+    weights: dict[str, int] = {}
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            name = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+            counts[name] = counts.get(name, 0) + 1
+            if name in WEIGHT_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0:
+                kind = type_names.get(sg.tensors[op.inputs[1]].type, "?")
+                weights[kind] = weights.get(kind, 0) + 1
+    integer = sum(n for k, n in weights.items() if k.startswith(("INT", "UINT")))
+    return {"op_counts": dict(sorted(counts.items())), "weight_types": weights, "integer_weight_ops": integer}
 
 
 def _weight_ops(it) -> list[dict[str, Any]]:
@@ -248,7 +250,7 @@ def _edgekit_recipe(q, float_path: Path, layers: list[DeployLayer], qtyping) -> 
     regridded: list[str] = []  # asymmetric blocks or 7-bit weights: LiteRT requantizes them on its own grid
     for i, lay in matched.items():
         op = ops[i]
-        scope = "^" + re.escape(op["output"]) + "$"
+        scope = "^" + re.escape(op["output"] + ";") + "$"  # ai-edge-quantizer's scope: output names, each ended by ";"
         tfl_op = getattr(op_name, op["type"])
         modes[lay.mode] = modes.get(lay.mode, 0) + 1
         if lay.mode == "float":
@@ -261,12 +263,14 @@ def _edgekit_recipe(q, float_path: Path, layers: list[DeployLayer], qtyping) -> 
             q.add_dynamic_config(scope, tfl_op, lay.bits)
         else:  # weight_only: LiteRT's block kernels are symmetric with run-time activation quantization
             granularity = getattr(qtyping.QuantGranularity, f"BLOCKWISE_{lay.group_size}", None) if lay.group_size else None
-            if lay.group_size and granularity is None:
-                raise StepFailed(
-                    f"LiteRT has no {lay.group_size}-wide weight blocks (layer {lay.name}); quantize with group_size 32, 64, 128 or 256"
-                )
-            q.add_dynamic_config(scope, tfl_op, lay.bits, granularity or qtyping.QuantGranularity.CHANNELWISE)
-            if not lay.symmetric:
+            try:
+                q.add_dynamic_config(scope, tfl_op, lay.bits, granularity or qtyping.QuantGranularity.CHANNELWISE)
+                same_grid = lay.symmetric and (granularity is not None or not lay.group_size)
+            except ValueError:
+                # LiteRT has blocks only for 4-bit weights: other widths go per channel
+                q.add_dynamic_config(scope, tfl_op, lay.bits, qtyping.QuantGranularity.CHANNELWISE)
+                same_grid = False
+            if not same_grid:
                 regridded.append(lay.name)
         if lay.mode in ("static", "dynamic") and lay.reduce_range:
             regridded.append(lay.name)

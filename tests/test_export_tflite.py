@@ -24,16 +24,12 @@ def _export(tmp_path, artifact, **cfg):
     return out, ctx.metrics
 
 
-def _weight_dtypes(path) -> list[str]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path))
-    tensors = it.get_tensor_details()
-    return [tensors[op["inputs"][1]]["dtype"].__name__ for op in it._get_ops_details() if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D")]
+def _weight_types(metrics) -> dict[str, int]:
+    return metrics["export"]["ops"]["weight_types"]
 
 
-@pytest.mark.parametrize("quantize, weight_dtype", [("none", "float32"), ("dynamic_int8", "int8"), ("int8", "int8")])
-def test_cnn_exports_and_matches_its_source_on_litert(tmp_path, quantize, weight_dtype):
+@pytest.mark.parametrize("quantize, weight_type", [("none", "FLOAT32"), ("dynamic_int8", "INT8"), ("int8", "INT8")])
+def test_cnn_exports_and_matches_its_source_on_litert(tmp_path, quantize, weight_type):
     out, metrics = _export(tmp_path, cnn_artifact(), quantize=quantize)
     verify = metrics["verify"]
     assert verify["passed"] and verify["runtime"] == "litert" and verify["samples"] == 8
@@ -41,7 +37,7 @@ def test_cnn_exports_and_matches_its_source_on_litert(tmp_path, quantize, weight
         assert verify["max_abs"] < 1e-5
     else:
         assert 0 < verify["rel_l2"] <= 0.25
-    assert set(_weight_dtypes(out.path())) == {weight_dtype}
+    assert _weight_types(metrics) == {weight_type: 3}
     assert out.inputs[0].shape == [1, 1, 8, 8]  # fixed shapes, recorded
     # the saved artifact reloads and runs on its own
     saved = out.save(tmp_path / "saved")
@@ -95,6 +91,35 @@ def test_onnx_only_and_requantizing_a_quantized_model_are_clear_errors(tmp_path)
     (tmp_path / "q").mkdir()
     with pytest.raises(UserError, match="quantize: auto"):
         _export(tmp_path / "q", quantized, quantize="int8")
+
+
+def test_edgekit_plan_carries_over_per_layer(tmp_path):
+    """Per-op modes from the plan: a dynamic layer gets LiteRT's dynamic int8, a layer kept float stays float,
+    a weight-only 4-bit layer gets 4-bit blocks; the int8 weights keep edgekit's scales."""
+    from edgekit.artifact import TensorSpec
+    from edgekit.compress.quantize.modules import LayerConfig, apply_plan, quant_layers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
+    ).eval()
+    apply_plan(model, {
+        "0": LayerConfig(mode="dynamic").to_dict(),
+        "2": LayerConfig(mode="dynamic").to_dict(),
+        "4": LayerConfig(mode="weight_only", bits=4, group_size=32).to_dict(),
+    })
+    layers = quant_layers(model)
+    for layer in layers.values():
+        layer.calibrate_weight()
+    layers["2"].enabled = False  # e.g. backed off by max_drop
+    art = Artifact(format="torch", inputs=[TensorSpec(name="x", shape=["batch", 64])], module=model, meta={"quantized": True})
+    out, metrics = _export(tmp_path, art)
+    export = metrics["export"]
+    assert export["quantize"] == "edgekit"
+    assert export["layer_modes"] == {"dynamic": 1, "float": 1, "weight_only": 1}
+    assert export["same_weight_scales"] == {"checked": 1, "same": 1}
+    assert _weight_types(metrics) == {"INT8": 1, "FLOAT32": 1, "INT4": 1}
+    assert metrics["verify"]["passed"]
 
 
 TFLITE_RECIPE = """
