@@ -228,7 +228,8 @@ def quantize(
     tmp.write_bytes(bytes(quantized.quantized_model))
     tmp.replace(target)
     if mode == "edgekit":
-        info["same_weight_scales"] = _same_scales(target, layers)
+        present = [lay for lay in layers if lay.name not in info.get("folded_or_unused_layers", [])]
+        info["same_weight_scales"] = _same_scales(target, present)
     return info
 
 
