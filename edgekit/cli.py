@@ -84,12 +84,7 @@ def inspect(target: str, as_json: bool, dim_items: tuple[str, ...], quant_debug:
     """Show inputs, outputs, params, MACs, ops and size of an ONNX file, a saved step/artifact folder, or zoo:NAME."""
     from edgekit.profile import format_inspect, inspect_target
 
-    dims = {}
-    for item in dim_items:
-        name, _, size = item.partition("=")
-        if not name or not size.isdigit():
-            raise click.BadParameter(f"{item!r} must look like NAME=SIZE, e.g. seq=128", param_hint="--dim")
-        dims[name] = int(size)
+    dims = _parse_dims(dim_items)
     if quant_debug:
         from edgekit.quant_debug import quant_debug_report
 
@@ -103,6 +98,204 @@ def inspect(target: str, as_json: bool, dim_items: tuple[str, ...], quant_debug:
         from rich.console import Console
 
         Console().print(format_inspect(info))
+
+
+@cli.command("bench")
+@click.argument("target", metavar="ARTIFACT")
+@click.option("--runtime", help="Runtime to time it on (default: the format's own: onnxruntime, litert or tvm).")
+@click.option("--device", default="local", show_default=True, help="local, or ssh://user@host[:port][?python=PATH] to time it on that device.")
+@click.option("--threads", multiple=True, type=click.IntRange(min=1), default=(1,), show_default=True,
+              help="Threads; repeat to compare (--threads 1 --threads 4).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per call.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed calls first.")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="Timed calls.")
+@click.option("--dim", "dim_items", multiple=True, metavar="NAME=SIZE", help="Size of a named dynamic dim other than the batch (others are 1).")
+@click.option("--input", "input_items", multiple=True, metavar="NAME=SHAPE[:DTYPE]",
+              help="An input of a model file that does not say, e.g. x=1x3x224x224:float32 (a .so needs these).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def bench(target: str, runtime: str | None, device: str, threads: tuple[int, ...], batch: int, warmup: int, repeats: int,
+          dim_items: tuple[str, ...], input_items: tuple[str, ...], as_json: bool) -> None:
+    """Time ARTIFACT (a step's artifact folder, or a .onnx / .tflite / .so file) here or on a device over SSH."""
+    import contextlib
+
+    from edgekit.errors import UserError
+    from edgekit.runtimes import default_runtime, get_runtime, runtime_names, to_model_layout
+    from edgekit.runtimes.bench import benchmark
+
+    where = None
+    if device != "local":
+        from edgekit.runtimes.device import benchmark_remote, parse_device
+
+        try:
+            where = parse_device(device)
+        except ValueError as e:
+            raise UserError(f"--device: {e}") from None
+    with contextlib.ExitStack() as stack:
+        artifact = _bench_artifact(target, [_parse_input(i) for i in input_items], stack)
+        rt = runtime or default_runtime(artifact.format)
+        if rt not in runtime_names():
+            get_runtime(rt)  # raises, naming the nearest runtime
+        feeds = to_model_layout(artifact, _synthetic_feeds(artifact, batch, _parse_dims(dim_items)))
+        rows = []
+        for n in threads:
+            if not as_json:
+                click.echo(f"timing {artifact.format} on {rt}, threads {n}, batch {batch}, {where or 'local'}", err=True)
+            if where is None:
+                rows.append(benchmark(artifact, rt, feeds, threads=n, warmup=warmup, repeats=repeats, options={}))
+            else:
+                rows.append(benchmark_remote(artifact, rt, feeds, where, threads=n, warmup=warmup, repeats=repeats, options={}))
+    if as_json:
+        click.echo(json.dumps({"artifact": target, "format": artifact.format, "results": rows}, indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        Console().print(_bench_table(rows, warmup, repeats))
+
+
+def _parse_dims(items: tuple[str, ...]) -> dict[str, int]:
+    dims = {}
+    for item in items:
+        name, _, size = item.partition("=")
+        if not name or not size.isdigit():
+            raise click.BadParameter(f"{item!r} must look like NAME=SIZE, e.g. seq=128", param_hint="--dim")
+        dims[name] = int(size)
+    return dims
+
+
+def _parse_input(item: str):
+    from edgekit.artifact import DTYPES, TensorSpec
+
+    name, _, rest = item.partition("=")
+    shape, _, dtype = rest.partition(":")
+    dims = shape.split("x")
+    if not name or not all(d.isdigit() for d in dims) or (dtype and dtype not in DTYPES):
+        raise click.BadParameter(f"{item!r} must look like NAME=1x3x224x224 or NAME=1x128:int64 (dtypes: {', '.join(DTYPES)})", param_hint="--input")
+    return TensorSpec(name=name, shape=[int(d) for d in dims], dtype=dtype or "float32")
+
+
+def _bench_artifact(target: str, declared: list, stack):
+    """An artifact folder as saved, or a minimal artifact (in a temporary folder) around one model file."""
+    import tempfile
+
+    from edgekit.artifact import ARTIFACT_FILE, Artifact
+    from edgekit.errors import UserError
+
+    path = Path(target)
+    if path.is_dir():
+        if declared:
+            raise UserError(f"{target} is an artifact folder, which names its inputs; --input is for model files")
+        return Artifact.load(path)
+    fmt = {".onnx": "onnx", ".tflite": "tflite", ".so": "tvm"}.get(path.suffix.lower())
+    if not path.is_file() or fmt is None:
+        raise UserError(f"{target} is neither an artifact folder nor a .onnx, .tflite or .so file; pass a step's artifact folder or a model file")
+    if (path.parent / ARTIFACT_FILE).is_file() and not declared:
+        saved = Artifact.load(path.parent)
+        if saved.files.get("model") == path.name:
+            return saved
+    files = {"model": path.name}
+    found = []
+    if fmt == "onnx":
+        found, extra = _onnx_inputs(path)
+        files.update(extra)
+    elif fmt == "tflite":
+        found = _tflite_inputs(path)
+    inputs = declared or found
+    if not inputs:
+        raise UserError(f"{path.name} does not say what its inputs are; name them with --input NAME=1x3x224x224:float32")
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgekit-bench-")))
+    for name in files.values():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).symlink_to((path.parent / name).resolve())
+    return Artifact(format=fmt, inputs=inputs, files=files, folder=folder, meta={"source": str(path)}).save(folder)
+
+
+def _onnx_inputs(path: Path):
+    """Input specs of an ONNX file, and its external data files by role."""
+    import onnx
+
+    from edgekit.artifact import TensorSpec
+    from edgekit.errors import UserError
+    from edgekit.sources import _ONNX_DTYPES
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise UserError(f"{path} is not an ONNX model ({type(e).__name__}); export one or check the file") from None
+    initializers = {i.name for i in proto.graph.initializer}
+    specs = []
+    for gi in proto.graph.input:
+        if gi.name in initializers:
+            continue
+        tt = gi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or ("batch" if k == 0 else f"{gi.name}_dim{k}"))
+                 for k, d in enumerate(tt.shape.dim)]
+        if tt.elem_type not in _ONNX_DTYPES:
+            raise UserError(f"input {gi.name!r} of {path.name} has element type {tt.elem_type}, which synthetic inputs do not cover")
+        specs.append(TensorSpec(name=gi.name, shape=shape, dtype=_ONNX_DTYPES[tt.elem_type]))
+    locations = sorted({e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"})
+    return specs, {f"data{i}": loc for i, loc in enumerate(locations)}
+
+
+def _tflite_inputs(path: Path):
+    """Input specs of a .tflite file's default signature (float for a full-integer input: the session quantizes)."""
+    import re
+
+    import numpy as np
+
+    from edgekit.artifact import DTYPES, TensorSpec
+    from edgekit.errors import UserError
+    from edgekit.runtimes.litert import find_interpreter
+
+    module, _, _ = find_interpreter()
+    try:
+        it = module.Interpreter(model_path=str(path))
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not load in LiteRT ({(str(e).strip().splitlines() or [''])[0][:200]}); check the file") from None
+    sig = it.get_signature_list()
+    if not sig:
+        raise UserError(f"{path.name} has no signature; name its inputs with --input NAME=1x224x224x3:float32")
+    key = next(iter(sig))
+    details = it.get_signature_runner(key).get_input_details()
+    specs = []
+    for name in sorted(sig[key]["inputs"], key=lambda n: (int(m.group(1)) if (m := re.search(r"(\d+)$", n)) else 0, n)):
+        d = details[name]
+        dtype = np.dtype(d["dtype"]).name
+        if np.issubdtype(d["dtype"], np.integer) and d.get("quantization", (0.0, 0))[0]:
+            dtype = "float32"  # a full-integer input: the session quantizes float feeds
+        if dtype not in DTYPES:
+            raise UserError(f"input {name!r} of {path.name} is {dtype}, which synthetic inputs do not cover")
+        specs.append(TensorSpec(name=name, shape=[int(x) for x in d["shape"]], dtype=dtype))
+    return specs
+
+
+def _synthetic_feeds(artifact, batch: int, dims: dict[str, int]):
+    from edgekit.errors import UserError
+
+    dims = dict(dims)
+    for spec in artifact.inputs:
+        first = spec.shape[0] if spec.shape else None
+        if isinstance(first, str):
+            dims[first] = batch
+        elif first is not None and first != batch:
+            raise UserError(f"input {spec.name} has a fixed batch of {first}; pass --batch {first} or export with a dynamic batch")
+    return {s.name: s.random(dims, seed=i) for i, s in enumerate(artifact.inputs)}
+
+
+def _bench_table(rows: list[dict], warmup: int, repeats: int):
+    from rich.table import Table
+
+    first = rows[0]
+    device = first.get("device")
+    where = f"{device['url']} ({device.get('cpu')}, {device.get('cores')} cores, {device.get('machine')})" if device else "this machine"
+    table = Table(title=f"{first['runtime']} {first.get('runtime_version') or ''} on {where}",
+                  caption=f"latency of one call: {warmup} warm-up calls, then {repeats} timed calls")
+    for col in ("Threads", "Batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "Peak RSS"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        lat = r["latency_ms"]
+        table.add_row(str(r["threads"]), str(r["batch_size"]), *(f"{lat[k]:.3f}" for k in ("p50", "p90", "p99")),
+                      f"{r['throughput_sps']:.1f}" if r.get("throughput_sps") else "-", f"{r['peak_rss_mb']:.0f} MB")
+    return table
 
 
 @cli.command("passes")

@@ -287,6 +287,9 @@ class Pipeline:
             rt = get_runtime(rt_name)
             if artifact.format not in rt.formats:
                 continue
+            if rt_name == "torch" and b.device != "local":
+                self.out.log("  [dim]skip torch bench on the device: devices run exported models (onnx, tflite, tvm)[/dim]")
+                continue
             if artifact.format == "torch" and artifact.meta.get("quantized"):
                 self.out.log("  [dim]skip torch bench: a quantized torch model simulates integer math; its exports are timed[/dim]")
                 continue
