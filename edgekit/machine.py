@@ -14,7 +14,7 @@ from typing import Any
 
 # CPU features that decide which kernels a runtime can use.
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "neon", "asimd", "asimddp", "i8mm")
-PACKAGES = ("edgekit", "torch", "onnx", "onnxruntime", "numpy", "transformers")
+PACKAGES = ("edgekit", "torch", "onnx", "onnxruntime", "numpy", "transformers", "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "apache-tvm")
 
 
 def machine_info() -> dict[str, Any]:
