@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.errors import StepFailed, UserError
+from edgekit.errors import StepFailed
 
 WEIGHT_OPS = {"FULLY_CONNECTED": 1, "CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "EMBEDDING_LOOKUP": 1}
 SIGNATURE = "serving_default"
