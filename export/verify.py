@@ -215,7 +215,13 @@ def verify_export(
 
 
 def _blame_batch(source, exported, trace_feed, settings, where: str, batch: int, problem: str) -> None:
-    """Raise the not-batch-dynamic error if the export does match at the batch it was traced at."""
+    """Raise the not-batch-dynamic error if the export does match at the batch it was traced at.
+
+    Not for quantized models: their integer kernels' error depends on the inputs,
+    so passing on the trace feed alone says nothing about batch handling.
+    """
+    if source.meta.get("quantized"):
+        return
     try:
         at_trace = check_parity(source, exported, [trace_feed], settings)
     except Exception:
