@@ -31,6 +31,7 @@ from edgekit.artifact import Artifact
 from edgekit.errors import StepFailed, UserError
 from edgekit.export.verify import VerifySettings, batch_of, require_parity, sample_rows, short_reason, check_parity
 from edgekit.passes import Pass, PassConfig, PassContext
+from edgekit.runtimes import channels_last
 
 MODEL_FILE = "model.tflite"
 QUANTIZED_REL_L2_TFLITE = 0.25  # default parity bound of integer TFLite exports (see run())
@@ -59,7 +60,7 @@ class ExportTflite(Pass):
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         cfg: TfliteConfig = self.config
-        where = ctx.path or "export[i].tflite"
+        where = ctx.path or "export[i].tflite"  # the step's YAML path, for messages
         if artifact.format == "onnx":
             raise UserError(
                 f"{where} converts torch models, and this model is ONNX only; give the recipe the torch model, or convert "
@@ -98,7 +99,7 @@ class ExportTflite(Pass):
         if mode == "none":
             float_path.replace(target)
         else:
-            calib = [_in_model_layout(r, channel_last) for r in rows[: cfg.calibration_samples]]
+            calib = [channels_last(r, channel_last) for r in rows[: cfg.calibration_samples]]
             quant_info = tflite_quant.quantize(float_path, target, mode, [s.name for s in specs], calib, layers, where)
             float_path.unlink()
 
@@ -154,10 +155,6 @@ def _channel_last_inputs(specs, row: dict[str, np.ndarray]) -> list[str]:
     return [s.name for s in specs if row[s.name].ndim == 4 and s.dtype in ("float32", "float16")]
 
 
-def _in_model_layout(row: dict[str, np.ndarray], channel_last: list[str]) -> dict[str, np.ndarray]:
-    return {k: (np.ascontiguousarray(v.transpose(0, 2, 3, 1)) if k in channel_last else v) for k, v in row.items()}
-
-
 def _convert(module, specs, row: dict[str, np.ndarray], channel_last: list[str], path: Path, where: str) -> None:
     import litert_torch
     import torch
@@ -167,7 +164,7 @@ def _convert(module, specs, row: dict[str, np.ndarray], channel_last: list[str],
     wrapped = PositionalInputs(module, [s.name for s in specs])
     if channel_last:
         wrapped = litert_torch.to_channel_last_io(wrapped, args=[i for i, s in enumerate(specs) if s.name in channel_last])
-        row = _in_model_layout(row, channel_last)
+        row = channels_last(row, channel_last)
     args = tuple(torch.from_numpy(np.ascontiguousarray(row[s.name])) for s in specs)
     try:
         edge_model = litert_torch.convert(wrapped.eval(), args)

@@ -60,10 +60,14 @@ def load_session(artifact: Artifact, runtime: str | None = None, threads: int | 
     return session
 
 
+def channels_last(feeds: dict[str, Any], names) -> dict[str, Any]:
+    """NCHW -> NHWC for the named 4-D feeds; the others unchanged."""
+    return {k: (v.transpose(0, 2, 3, 1).copy() if k in names else v) for k, v in feeds.items()}
+
+
 def to_model_layout(artifact: Artifact, feeds: dict[str, Any]) -> dict[str, Any]:
     """Feeds in the source model's layout (NCHW) -> the export's, for inputs it takes channels-last."""
-    names = artifact.meta.get("channel_last_inputs") or ()
-    return {k: (v.transpose(0, 2, 3, 1).copy() if k in names else v) for k, v in feeds.items()}
+    return channels_last(feeds, artifact.meta.get("channel_last_inputs") or ())
 
 
 class _SourceLayout(Session):
@@ -74,10 +78,10 @@ class _SourceLayout(Session):
         self.input_names, self.output_names = inner.input_names, inner.output_names
 
     def run(self, feeds):
-        return self._inner.run({k: (v.transpose(0, 2, 3, 1).copy() if k in self._names else v) for k, v in feeds.items()})
+        return self._inner.run(channels_last(feeds, self._names))
 
     def describe(self):
         return self._inner.describe()
 
 
-__all__ = ["Runtime", "Session", "default_runtime", "get_runtime", "load_session", "runtime_names", "runtime_options", "to_model_layout"]
+__all__ = ["Runtime", "Session", "default_runtime", "get_runtime", "load_session", "runtime_names", "runtime_options", "channels_last", "to_model_layout"]

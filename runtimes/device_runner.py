@@ -142,7 +142,10 @@ def numbered(name):
 
 
 def to_model_dtype(np, arr, detail):
-    """Float feeds of a full-integer model are quantized with the input's own scale and zero point."""
+    """Float feeds of a full-integer model are quantized with the input's own scale and zero point.
+
+    The same rule as runtimes/litert.py's session; repeated here because the runner imports nothing of edgekit.
+    """
     dtype = detail["dtype"]
     scale, zero = detail.get("quantization", (0.0, 0))
     if np.issubdtype(dtype, np.integer) and np.issubdtype(arr.dtype, np.floating) and scale:

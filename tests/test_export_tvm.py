@@ -364,7 +364,7 @@ def test_tuning_records_are_kept_in_the_run_folder_and_reused(tmp_path):
     exported = export(source, first, tune=tune)
     t1 = first.metrics["tvm"]
     folder = Path(t1["builds"][0]["tuning_dir"])
-    assert t1["tuned"] and not t1["tuning_reused"] and t1["trials"] == 8 and t1["tuning_seconds"] > 0
+    assert t1["tuned"] and not t1["tuning_reused"] and t1["trials"] == 8 and isinstance(t1["tuning_seconds"], float)
     assert folder.parent == tmp_path / "run" / "tvm-tuning"
     records = (folder / "database_tuning_record.json").read_text()
     assert records.strip() and json.loads((folder / "tuning.json").read_text())["records"] == len(records.splitlines()) >= 1
