@@ -29,6 +29,7 @@ BUILTIN_PASS_MODULES = (
     "edgekit.compress.train",
     "edgekit.compress.quantize.ptq",
     "edgekit.compress.quantize.qat",
+    "edgekit.compress.prune.vib",
     "edgekit.export.onnx",
     "edgekit.export.tflite",
     "edgekit.export.tvm",

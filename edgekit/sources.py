@@ -54,6 +54,7 @@ def source_fingerprint(model: ModelSection, resolve: Callable[[str], Path]) -> s
 TRANSFORMS = {
     "fold_bn": ("edgekit.compress.quantize.bn_fold", "fold_batchnorm"),
     "quantize": ("edgekit.compress.quantize.modules", "apply_plan"),
+    "prune": ("edgekit.compress.prune.structure", "restructure"),
 }
 
 

@@ -12,6 +12,17 @@ from torch import nn
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def is_pruned_folder(path: str | Path) -> bool:
+    """Whether a saved model folder holds a model edgekit pruned (config key ``edgekit_pruning``)."""
+    import json
+
+    config = Path(path) / "config.json"
+    try:
+        return "edgekit_pruning" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 class HFEncoder(nn.Module):
     def __init__(self, model: nn.Module, pooling: str = "mean", normalize: bool = False):
         super().__init__()
@@ -37,7 +48,12 @@ class HFEncoder(nn.Module):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        model = AutoModel.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
+        if is_pruned_folder(path):  # a pruned model has shapes its config alone cannot describe
+            from edgekit.compress.prune.hf_io import load_pruned
+
+            model = load_pruned(path)
+        else:
+            model = AutoModel.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
         return cls(model, pooling=pooling, normalize=normalize)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -46,7 +62,10 @@ class HFEncoder(nn.Module):
             kwargs["attention_mask"] = attention_mask
         if token_type_ids is not None and "token_type_ids" in self.input_names:
             kwargs["token_type_ids"] = token_type_ids
-        hidden = self.model(**kwargs).last_hidden_state
+        return self.pool(self.model(**kwargs).last_hidden_state, input_ids, attention_mask)
+
+    def pool(self, hidden, input_ids, attention_mask=None):
+        """One vector per sequence from the last hidden states (or the states themselves)."""
         if self.pooling == "none":
             return hidden
         if self.pooling == "cls":
