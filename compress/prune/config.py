@@ -27,7 +27,7 @@ class PruneSettings(PassConfig):
         "fast", description="full: all train data; fast: a data_fraction of it; faster: that share with the weights frozen (masks only)"
     )
     data_fraction: float = Field(0.03, gt=0, le=1, description="share of the train split that fast and faster use")
-    epochs: int = Field(2, ge=1, description="passes over the (possibly reduced) train split per pruning round")
+    epochs: int = Field(1, ge=1, description="passes over the (possibly reduced) train split per pruning round")
     min_steps: int = Field(100, ge=1, description="a round has at least this many optimisation steps")
     max_rounds: int = Field(3, ge=1, description="pruning rounds until the hard mask meets the budget; then it is snapped to it")
     batch_size: int = Field(16, ge=1)

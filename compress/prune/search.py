@@ -151,7 +151,7 @@ def _vib_rounds(student, teacher, masks: MaskSet, data, steps, cfg: PruneSetting
         stats = _train(student, teacher, masks, data, steps, cfg, budget, state, target)
         hard = budget.measure(masks.hard_shape()) / budget.full
         record = {"round": r, "steps": steps, "target": round(goal, 4), "expected": round(stats["expected"], 4),
-                  "hard": round(hard, 4), "lambda1": round(float(lambdas[0]), 4), "lambda2": round(float(lambdas[1]), 4),
+                  "hard": round(hard, 4), "lambda1": round(float(lambdas[0].detach()), 4), "lambda2": round(float(lambdas[1].detach()), 4),
                   "kl": round(stats["kl"], 5), "distill": round(stats["distill"], 5)}
         rounds.append(record)
         log(f"    round {r}: hard mask at {hard:.1%} (expected {stats['expected']:.1%}, goal {goal:.1%}), distill {stats['distill']:.4f}")
@@ -168,7 +168,8 @@ def _train(student, teacher, masks: MaskSet | None, data, steps: int, cfg: Prune
     for p in weights:
         p.requires_grad_(train_weights)
     weight_opt = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=0.0) if train_weights else None
-    use_hidden = masks is None or masks.hidden is None
+    # layer-wise hidden states are comparable only while the student keeps the teacher's width
+    use_hidden = (masks is None or masks.hidden is None) and TransformerView(student).hidden == TransformerView(teacher).hidden
     student.train()
     last = {"distill": float("nan"), "kl": 0.0, "expected": float("nan")}
     for step, batch in enumerate(_batches(data, cfg.batch_size, steps)):
@@ -270,12 +271,18 @@ def _smallest(kind: str, view: TransformerView, seq: int, prune_hidden: bool) ->
 
 
 def _resolve_hidden(cfg: PruneSettings, view: TransformerView) -> bool:
+    narrowable = not view.outputs_hidden() and view.head_inputs() is not None
     if cfg.prune_hidden == "auto":
-        return not view.outputs_hidden()
+        return narrowable
     if cfg.prune_hidden and view.outputs_hidden():
         raise UserError(
             "prune.vib: prune_hidden: true would change the width of this model's output (its hidden state); "
             "set prune_hidden: auto or false for encoders whose output is the embedding"
+        )
+    if cfg.prune_hidden and not narrowable:
+        raise UserError(
+            f"prune.vib: prune_hidden: true cannot narrow the inputs of this model's heads ({', '.join(view.unknown_heads())}); "
+            "set prune_hidden: auto or false"
         )
     return bool(cfg.prune_hidden)
 

@@ -100,7 +100,36 @@ class TransformerView:
 
     def outputs_hidden(self) -> bool:
         """Whether the model's output is the hidden state itself (cutting hidden dims changes its width)."""
-        return _lm_head(self.hf) is None and not hasattr(self.hf, "classifier")
+        return self.hf is self.base
+
+    def head_inputs(self) -> list[tuple[nn.Module, str]] | None:
+        """(parent, attribute) of each Linear that reads the last hidden state, whose input columns
+        follow the hidden dims; None when the model has a head whose layout is unknown here."""
+        found: list[tuple[nn.Module, str]] = []
+        pooler = getattr(self.base, "pooler", None) if self.family == "bert" else None
+        if pooler is not None:
+            found.append((pooler, "dense"))
+        if self.hf is self.base:
+            return found
+        for name, child in self.hf.named_children():
+            if child is self.base or isinstance(child, nn.Dropout):
+                continue
+            if name in ("lm_head", "score", "qa_outputs") and isinstance(child, nn.Linear):
+                found.append((self.hf, name))
+            elif name == "classifier" and isinstance(child, nn.Linear):
+                if pooler is None:  # with a pooler, the classifier reads the pooler's output instead
+                    found.append((self.hf, name))
+            elif name == "classifier" and isinstance(getattr(child, "dense", None), nn.Linear):
+                found.append((child, "dense"))  # RoBERTa's head: dense -> tanh -> out_proj
+            else:
+                return None
+        return found
+
+    def unknown_heads(self) -> list[str]:
+        known = {"lm_head", "score", "qa_outputs", "classifier"}
+        if self.hf is self.base:
+            return []
+        return [n for n, c in self.hf.named_children() if c is not self.base and not isinstance(c, nn.Dropout) and n not in known]
 
 
 # -- sizes -------------------------------------------------------------------------
@@ -256,29 +285,26 @@ def _cut_embeddings_and_head(view: TransformerView, hid, scale, tied: bool) -> N
                 setattr(emb, name, _slice_embedding(getattr(emb, name), hid))
         # the mask multiplies the embeddings' LayerNorm output, so its scale folds into gamma and beta
         emb.LayerNorm = _slice_norm(emb.LayerNorm, hid, scale)
-        pooler = getattr(base, "pooler", None)
-        if pooler is not None:
-            pooler.dense = _slice_linear(pooler.dense, out_idx=hid, in_idx=hid)
     else:
         base.wte = _slice_embedding(base.wte, hid, scale)
         base.wpe = _slice_embedding(base.wpe, hid, scale)
         # a head tied to wte sees the scaled table: undo the scale on the final norm's output
         inverse = (1.0 / scale) if (scale is not None and tied) else None
         base.ln_f = _slice_norm(base.ln_f, hid, inverse)
-    head = _lm_head(view.hf)
-    if head is not None:
-        if tied:
+    heads = view.head_inputs()
+    if heads is None:
+        raise UserError(f"cannot narrow the hidden width of a model with heads {', '.join(view.unknown_heads())}; set prune_hidden: false")
+    for parent, attr in heads:
+        layer = getattr(parent, attr)
+        if tied and attr == "lm_head":
             emb = base.embeddings.word_embeddings if view.family == "bert" else base.wte
-            new = nn.Linear(len(hid), head.out_features, bias=head.bias is not None)
+            new = nn.Linear(len(hid), layer.out_features, bias=layer.bias is not None)
             new.weight = emb.weight
-            if head.bias is not None:
-                new.bias = head.bias
-            _set_lm_head(view.hf, new)
+            if layer.bias is not None:
+                new.bias = layer.bias
+            setattr(parent, attr, new)
         else:
-            _set_lm_head(view.hf, _slice_linear(head, in_idx=hid))
-    classifier = getattr(view.hf, "classifier", None)
-    if isinstance(classifier, nn.Linear):
-        view.hf.classifier = _slice_linear(classifier, in_idx=hid)
+            setattr(parent, attr, _slice_linear(layer, in_idx=hid))
 
 
 # -- modules that stand in for a sublayer with nothing left -----------------------
@@ -365,10 +391,6 @@ def _find_base(hf: nn.Module) -> tuple[nn.Module, str]:
 def _lm_head(hf: nn.Module):
     head = getattr(hf, "lm_head", None)
     return head if isinstance(head, nn.Linear) else None
-
-
-def _set_lm_head(hf: nn.Module, head: nn.Module) -> None:
-    hf.lm_head = head
 
 
 def _tied(hf: nn.Module) -> bool:

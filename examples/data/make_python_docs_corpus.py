@@ -4,7 +4,8 @@ Sources, both shipped with every CPython 3.11 install and licensed under the
 PSF License Agreement (Python Software Foundation License, version 2):
 
 * ``pydoc_data.topics``: the language reference topics ``help()`` shows;
-* the docstrings of the pure-Python standard library modules listed below.
+* the docstrings of the standard library's Python sources (read with ``ast``,
+  nothing is imported; the test suites, IDLE and lib2to3 are left out).
 
 The corpus is regenerated with ``python examples/data/make_python_docs_corpus.py``
 and is deterministic for a given CPython version (the committed file was made
@@ -14,22 +15,14 @@ and evaluated on real prose without any download.
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import ast
 import re
 import sys
 from pathlib import Path
 
-MODULES = (
-    "abc argparse ast asyncio bisect calendar codecs collections concurrent.futures configparser contextlib copy csv "
-    "dataclasses datetime decimal difflib email enum fnmatch fractions functools getopt gettext glob gzip hashlib heapq "
-    "hmac html http.client http.server imaplib inspect io ipaddress itertools json logging mailbox mimetypes netrc "
-    "numbers operator optparse os pathlib pickle pkgutil platform plistlib poplib pprint queue random re sched secrets "
-    "selectors shelve shlex shutil smtplib socket socketserver sqlite3 ssl statistics string struct subprocess "
-    "tarfile tempfile textwrap threading timeit tokenize trace traceback types typing unittest urllib.parse "
-    "urllib.request uuid warnings weakref wave xml.dom.minidom xml.etree.ElementTree zipfile zipimport"
-).split()
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "__pycache__"}
 BAD = re.compile(r"[<>*|=\[\]{}_`#~\\]|::|\(\)|https?:|\.\.\.|\$")
+PERSONAL = re.compile(r"[\w.-]+@[\w-]+\.\w|[Cc]opyright|[Rr]ights [Rr]eserved|[Ww]ritten by")  # no e-mail addresses or credits
 
 
 def texts():
@@ -37,21 +30,17 @@ def texts():
 
     for key in sorted(topics.topics):
         yield topics.topics[key]
-    for name in MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
+    root = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for path in sorted(root.rglob("*.py")):
+        if set(path.relative_to(root).parts) & SKIP_DIRS:
             continue
-        yield inspect.getdoc(mod) or ""
-        for attr in sorted(vars(mod)):
-            obj = getattr(mod, attr)
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "") == mod.__name__:
-                yield inspect.getdoc(obj) or ""
-                if inspect.isclass(obj):
-                    for meth in sorted(vars(obj)):
-                        fn = vars(obj)[meth]
-                        if inspect.isfunction(fn):
-                            yield inspect.getdoc(fn) or ""
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield ast.get_docstring(node) or ""
 
 
 def sentences():
@@ -62,7 +51,7 @@ def sentences():
             s = s.strip()
             if not (40 <= len(s) <= 220) or not s[0].isupper() or s[-1] not in ".!?" or s.count(" ") < 6:
                 continue
-            if BAD.search(s) or s in seen:
+            if BAD.search(s) or PERSONAL.search(s) or s in seen:
                 continue
             seen.add(s)
             yield s
