@@ -68,6 +68,7 @@ class Pass(ABC):
     accepts: ClassVar[tuple[str, ...]] = ("torch",)
     produces: ClassVar[str | None] = None  # None: same format as the input
     uses_data: ClassVar[tuple[str, ...]] = ()  # data splits this pass reads
+    comes_before: ClassVar[tuple[str, ...]] = ()  # name prefixes of passes that must not run earlier (checked before work)
 
     def __init__(self, config: PassConfig):
         self.config = config

@@ -104,8 +104,13 @@ class Pipeline:
         from edgekit.sources import SOURCE_FORMATS
 
         fmt = SOURCE_FORMATS[self.recipe.model.kind]
+        earlier: list[str] = []
         for step in self.recipe.compress:
             cls = step.pass_class()
+            late = [name for name in earlier if name.startswith(cls.comes_before)] if cls.comes_before else []
+            if late:
+                raise UserError(f"{step.path} must come before {late[0]}; move it earlier in compress:")
+            earlier.append(cls.name)
             if fmt not in cls.accepts:
                 raise UserError(f"{step.path}: takes {' or '.join(cls.accepts)} models but gets a {fmt} model here; reorder the steps or change the source")
             fmt = cls.produces or fmt

@@ -604,7 +604,7 @@ def test_prune_after_quantization_is_refused(tiny_bert_folder, tmp_path):
         "weights": {"bits": 8}, "activations": {"linear": "dynamic"}, "latency_aware": False, "sensitivity": False,
     }}
     recipe = _recipe(tiny_bert_folder, [quantize, PRUNE_STEP], [], name="quantize-then-prune")
-    with pytest.raises(UserError, match=r"compress\[1\]\.prune\.vib must come before quantization"):
+    with pytest.raises(UserError, match=r"compress\[1\]\.prune\.vib must come before quantize\.ptq"):
         _run(recipe, tmp_path / "run")
 
 

@@ -24,6 +24,7 @@ class PruneVIB(Pass):
     Config = PruneSettings
     accepts = ("torch",)
     uses_data = ("train",)
+    comes_before = ("quantize.",)  # it cuts float weight matrices; quantized layers carry their own scales
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         import torch
