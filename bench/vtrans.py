@@ -328,8 +328,8 @@ def run_time(meta: dict[str, Any], merged: bool) -> str:
     if not merged:
         return f"Whole run: {this}." if meta["complete_run_seconds"] else f"This (partial) run: {this}."
     whole = meta["complete_run_seconds"]
-    return (f"Rows of {', '.join(f'{m} at {b}' for b in meta['budgets'] for m in meta['methods'])} rerun on their own ({this}); "
-            f"the others are from an earlier whole run" + (f" ({whole / 60:.1f} min)." if whole else "."))
+    rerun = ", ".join(f"{m} at {b}" for b in meta["budgets"] for m in meta["methods"])
+    return f"Rerun on their own ({this}): {rerun}; the other rows are from an earlier whole run" + (f" ({whole / 60:.1f} min)." if whole else ".")
 
 
 def table_row(r: dict[str, Any], full_seconds: float | None) -> str:

@@ -26,11 +26,16 @@ def importance_keep(student, teacher, view: TransformerView, data, cfg: PruneSet
 
     masks = MaskSet(view, prune_hidden)
     scores = _taylor(student, masks, data, cfg) if cfg.method == "taylor" else _magnitude(view, prune_hidden)
+    # scores are comparable within a kind (across layers), not across kinds: normalise each kind by its median
+    medians = {}
+    for kind in ("hidden", "heads", "ffn"):
+        pooled = [scores[k] for k, _ in _keyed(masks) if k[0] == kind and len(scores[k])]
+        if pooled:
+            medians[kind] = torch.cat(pooled).median().clamp(min=1e-12)
     keep, prio = {}, {}
     for key, m in _keyed(masks):
         keep[key] = torch.ones(len(m), dtype=torch.bool)
-        s = scores[key]
-        prio[key] = -(s / s.median().clamp(min=1e-12))  # scores are compared across kinds after normalising each
+        prio[key] = -(scores[key] / medians[key[0]]) if len(m) else scores[key]
     keep = snap(lambda k: shape_from_keep(k, view), keep, prio, budget)
 
     def idx(key):
