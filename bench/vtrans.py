@@ -45,6 +45,9 @@ from edgekit.pipeline import Pipeline
 from edgekit.progress import Reporter
 from edgekit.recipe import recipe_from_dict
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantization import time_block  # noqa: E402  (one timing rule for every bench table)
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 EXAMPLES = HERE.parent / "examples"
@@ -198,19 +201,6 @@ def fidelity(out: np.ndarray, ref: np.ndarray) -> dict[str, float | None]:
         return {"cos_mean": None, "cos_min": None, "top1_agree": agree, "width": int(out.shape[1])}
     cos = (unit(out) * unit(ref)).sum(1)
     return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "top1_agree": agree, "width": int(out.shape[1])}
-
-
-def time_block(sess, feed, seconds: float) -> float:
-    """Median latency over a block of at least ``seconds`` (after a short warm-up)."""
-    for _ in range(3):
-        sess.run(None, feed)
-    times: list[float] = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 3:
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def latencies(paths: dict[str, str], arrays: dict[str, np.ndarray]) -> dict[str, float]:
