@@ -298,6 +298,26 @@ def _bench_table(rows: list[dict], warmup: int, repeats: int):
     return table
 
 
+@cli.group()
+def fpga() -> None:
+    """Work with the HLS projects of fpga.hls steps."""
+
+
+@fpga.command("csim")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(path_type=Path))
+@click.option("--images", type=click.IntRange(min=1), help="Check this many generated images instead of the step's csim_images.")
+@click.option("--no-sanitize", is_flag=True, help="Build without -fsanitize=address,undefined (faster).")
+def fpga_csim(run_dir: Path, images: int | None, no_sanitize: bool) -> None:
+    """C-simulate the HLS project of a run's fpga.hls step against the integer reference.
+
+    RUN_DIR is a run folder (runs/NAME) or one fpga.hls step folder. Exits 1
+    if any output value differs.
+    """
+    from edgekit.fpga.export_hls import csim_run_dir
+
+    csim_run_dir(run_dir, images, sanitize=not no_sanitize, log=click.echo)
+
+
 @cli.command("passes")
 def list_passes() -> None:
     """List the registered passes."""

@@ -27,12 +27,14 @@ from edgekit.errors import UserError
 
 BUILTIN_PASS_MODULES = (
     "edgekit.compress.train",
+    "edgekit.compress.train_detection",
     "edgekit.compress.quantize.ptq",
     "edgekit.compress.quantize.qat",
     "edgekit.compress.prune.vib",
     "edgekit.export.onnx",
     "edgekit.export.tflite",
     "edgekit.export.tvm",
+    "edgekit.fpga.export_hls",
 )
 
 

@@ -9,3 +9,10 @@ def mlp(hidden: int = 16):
 
 class NotATensor:
     """An arbitrary object: a state dict holding it must be refused, not unpickled."""
+
+
+def codenet_micro(variant: str = "dcn_dw_square_int"):
+    """A CoDeNet small enough to train, lower and C-simulate in seconds."""
+    from edgekit.models.codenet import CoDeNet
+
+    return CoDeNet(3, variant, widths=(8, 16, 32, 64), repeats=(1, 1, 1), decoder_channels=(32, 16, 16), head_channels=8, skips=True)
