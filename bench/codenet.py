@@ -23,7 +23,6 @@ BENCH_CODENET_IMAGES, BENCH_CODENET_VARIANTS (comma list), BENCH_CODENET_CSIM.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile

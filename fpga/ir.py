@@ -141,7 +141,7 @@ class Graph:
         write_bytes(folder / "weights.npz", buf.getvalue())
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Graph":
+    def load(cls, folder: str | Path) -> Graph:
         folder = Path(folder)
         if not (folder / "graph.json").is_file():
             raise UserError(f"{folder} holds no graph.json; point at the fpga step's folder of a run")
