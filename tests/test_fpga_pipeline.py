@@ -27,7 +27,7 @@ compress:
   - train.centernet: {{images: 32, steps: 4, batch_size: 8, eval_images: 8}}
 export:
   - fpga.hls: {{board: {board}, clock_mhz: 150, calibration_images: 8, csim_images: 3, eval_images: 8, sanitize: false{extra}}}
-report: {{formats: [json]}}
+report: {{formats: [json, md]}}
 """
 
 
@@ -55,6 +55,8 @@ def test_recipe_writes_a_project_that_csim_proves_bit_exact(tmp_path, capsys):
     assert fpga["csim"]["images"] == 3 and fpga["csim"]["mismatches"] == 0
     assert fpga["csim"]["values"] == 3 * 7 * 8 * 8  # heatmap 3 + size 2 + offset 2 channels at stride 4
     assert 0 <= fpga["ap50_w4a8"] <= 1 and fpga["estimate"]["fits"]
+    report = (run_dir / "report.md").read_text()
+    assert "## FPGA" in report and "every value equal to the integer reference" in report and "AP50: float" in report
     project = step / "artifact" / "hls"
     tcl = (project / "build_prj.tcl").read_text()
     assert "xczu7ev-ffvc1156-2-e" in tcl and "6.66" in tcl  # zcu104's part, 150 MHz
