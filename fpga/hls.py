@@ -233,7 +233,8 @@ class _Writer:
                   self.top_signature() + " {"]
         ports = [("image", self.graph.input)] + [(self.out_param(n), n) for n in self.graph.outputs]
         for k, (port, tensor) in enumerate(ports):
-            lines.append(f"#pragma HLS INTERFACE m_axi port={port} offset=slave bundle=gmem{k} depth={_size(t[tensor])}")
+            # the outputs share one AXI master (they are small and written at the end); the image has its own
+            lines.append(f"#pragma HLS INTERFACE m_axi port={port} offset=slave bundle=gmem{min(k, 1)} depth={_size(t[tensor])}")
         for port, _ in ports:
             lines.append(f"#pragma HLS INTERFACE s_axilite port={port} bundle=control")
         lines.append("#pragma HLS INTERFACE s_axilite port=return bundle=control")
