@@ -214,7 +214,8 @@ def write_table(result: dict[str, Any]) -> None:
         f"hls4ml {_hls4ml_version()}, g++ for C-simulation; {result['date']}. "
         f"Training: CoDeNet-tiny, {STEPS} steps of batch 16 on {IMAGES} generated 128x128 scenes, seed {SEED}; "
         f"AP50 on {EVAL_IMAGES} held-out scenes. Estimates: edgekit's analytical model of its generated architecture "
-        f"(fpga/estimate.py), {BOARD} at {CLOCK:.0f} MHz. Whole run: {result['minutes']:.1f} min. "
+        f"(fpga/estimate.py), {BOARD} at {CLOCK:.0f} MHz. Whole run: {result['minutes']:.1f} min"
+        f"{' (trained weights reused from the cache)' if result.get('cached') else ''}. "
         "Regenerate: `python bench/codenet.py`.",
         "",
         "## Trade-off of the deformable variants (CoDeNet-tiny, 128x128)",
@@ -294,6 +295,7 @@ def main() -> None:
         "minutes": (time.perf_counter() - started) / 60,
         "steps": STEPS,
         "images": IMAGES,
+        "cached": any(r["train_seconds"] != r["train_seconds"] for r in trade_off),  # NaN: weights came from the cache
         "trade_off": trade_off,
         "paper_scale": paper,
         "csim": csim,
