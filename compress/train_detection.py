@@ -23,7 +23,7 @@ class CenterNetTrainConfig(PassConfig):
     images: int = Field(2000, ge=16, description="generated training scenes")
     steps: int = Field(600, ge=1, description="optimizer steps")
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-3, gt=0, description="peak AdamW learning rate (warm-up, cosine decay)")
+    lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate (warm-up, cosine decay)")
     eval_images: int = Field(200, ge=0, description="held-out scenes for AP50 after training (0: skip)")
     cache: bool = Field(True, description="reuse weights trained earlier with the same model and config")
 

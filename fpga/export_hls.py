@@ -20,6 +20,7 @@ from edgekit.artifact import Artifact
 from edgekit.errors import StepFailed, UserError
 from edgekit.passes import Pass, PassConfig, PassContext
 
+GRAPH_DIR, PROJECT_DIR = "graph", "hls"  # inside the artifact folder: the IR and the HLS project
 CALIBRATION_SEED_OFFSET = 20_000  # scenes for calibration and csim differ from the training scenes
 CSIM_SEED_OFFSET = 30_000
 
@@ -74,8 +75,8 @@ class ExportHls(Pass):
         graph = lower(model, qparams, size)
         graph.meta.update(board=board.name, clock_mhz=clock, seed=ctx.seed)
         est = estimate(graph, board.name, clock, cfg.parallelism)  # a clear error when the design does not fit
-        graph.save(ctx.workdir / "graph")
-        project = write_project(graph, ctx.workdir / "hls", board.name, clock, top=cfg.top, parallelism=cfg.parallelism)
+        graph.save(ctx.workdir / GRAPH_DIR)
+        project = write_project(graph, ctx.workdir / PROJECT_DIR, board.name, clock, top=cfg.top, parallelism=cfg.parallelism)
         metrics: dict = {
             "board": board.name,
             "clock_mhz": clock,
@@ -100,7 +101,7 @@ class ExportHls(Pass):
             outputs=list(graph.outputs),
             task=artifact.task,
             lineage=list(artifact.lineage),
-            files={"graph": "graph", "project": "hls"},
+            files={"weights": f"{GRAPH_DIR}/weights.npz"},  # the size the report shows: the integer weights
             folder=ctx.workdir,
             meta={**artifact.meta, "board": board.name, "clock_mhz": clock, "top": cfg.top},
         )
@@ -172,9 +173,9 @@ def csim_run_dir(run_dir: Path, images: int | None, sanitize: bool, log) -> list
     for step in find_fpga_steps(run_dir):
         manifest = json.loads((step / "manifest.json").read_text())
         artifact = Artifact.load(step / "artifact")
-        graph = Graph.load(artifact.path("graph"))
+        graph = Graph.load(artifact.folder / GRAPH_DIR)
         size = graph.tensor(graph.input).shape[1]
         count = images or manifest["config"].get("csim_images") or 20
         log(f"{step.name}: {graph.meta.get('model', 'model')} ({graph.meta.get('variant', '-')}) on {artifact.meta.get('board')}")
-        results.append(run_checked_csim(artifact.path("project"), graph, csim_images(graph.meta.get("seed", 0), count, size), sanitize, log))
+        results.append(run_checked_csim(artifact.folder / PROJECT_DIR, graph, csim_images(graph.meta.get("seed", 0), count, size), sanitize, log))
     return results
