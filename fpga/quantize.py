@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from edgekit.fpga.ir import MULTIPLIER_BITS, WEIGHT_MAX
-from edgekit.fpga.lower import MOVES, ChannelBias, Plan, bits_for, plan_model, trace
 from torch import fx, nn
 
+from edgekit.compress.quantize.bn_fold import bn_affine
 from edgekit.errors import UserError
+from edgekit.fpga.ir import MULTIPLIER_BITS, WEIGHT_MAX
+from edgekit.fpga.lower import MOVES, ChannelBias, Plan, bits_for, plan_model, trace
 
 INPUT_SCALE = 1.0 / 255.0
 MAX_SHIFT = 62  # (acc * M) >> S on a 64-bit product
@@ -40,20 +41,6 @@ BIAS_LIMIT = 2.0**30
 
 
 # -- BatchNorm folding ------------------------------------------------------------------
-
-@torch.no_grad()
-def _bn_affine(bn: nn.BatchNorm2d, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of an eval-mode BatchNorm as float64 per-channel vectors."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise UserError(f"BatchNorm2d {name!r} keeps no running statistics, so it cannot be folded; build it with track_running_stats=True")
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return scale, shift
-
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
@@ -83,7 +70,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         layer = modules[prev.target]
         if not isinstance(layer, (nn.Conv2d, DeformConv3x3)) or layer.weight.shape[0] != modules[node.target].num_features:
             continue
-        scale, shift = _bn_affine(modules[node.target], node.target)
+        bn = modules[node.target]
+        if bn.running_mean is None or bn.running_var is None:
+            raise UserError(f"BatchNorm2d {node.target!r} keeps no running statistics, so it cannot be folded; build it with track_running_stats=True")
+        scale, shift = bn_affine(bn)
         w = layer.weight
         w.copy_((w.double() * scale.view(-1, 1, 1, 1)).to(w.dtype))
         old_bias = layer.bias.double() if getattr(layer, "bias", None) is not None else torch.zeros_like(scale)

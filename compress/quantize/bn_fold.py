@@ -28,17 +28,26 @@ def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(factor, shift) in float64 with BN(x) = x * factor + shift per channel (eval mode, running stats)."""
+    # float64 so the folded layer matches BN to rounding error of float32.
+    factor = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        factor = factor * bn.weight.double()
+    shift = -bn.running_mean.double() * factor
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return factor, shift
+
+
+@torch.no_grad()
 def _fold_into(layer: nn.Conv1d | nn.Conv2d | nn.Linear, bn: nn.modules.batchnorm._BatchNorm) -> None:
     w = layer.weight
-    # float64 so the folded layer matches BN to rounding error of float32.
-    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(inv_std)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(inv_std)
-    factor = gamma * inv_std
-    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(inv_std)
+    factor, shift = bn_affine(bn)
+    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(factor)
     shape = [-1] + [1] * (w.ndim - 1)
     layer.weight.copy_((w.double() * factor.reshape(shape)).to(w.dtype))
-    new_bias = (beta + (bias - bn.running_mean.double()) * factor).to(w.dtype)
+    new_bias = (bias * factor + shift).to(w.dtype)
     if layer.bias is None:
         layer.bias = nn.Parameter(new_bias)
     else:
