@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # System packages the tests use beyond Python: an OpenSSH server (on-device
-# benchmarks against a local sshd), ARM cross compilers (TVM cross builds),
+# benchmarks against a local sshd), ARM cross compilers (TVM cross builds, the BlockFFN
+# kernels' NEON build) and qemu-user to run that build,
 # `file` / binutils (to check what was built), and g++ (C-simulation of generated HLS C++). Debian and Ubuntu only;
 # installs only what is missing, as root or through sudo. Safe to rerun.
 set -euo pipefail
 
-PACKAGES=(g++ openssh-server gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf g++-arm-linux-gnueabihf file binutils)
+PACKAGES=(g++ openssh-server gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf g++-arm-linux-gnueabihf qemu-user file binutils)
 
 if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
     echo "system-packages: not a Debian/Ubuntu system; install these with your package manager: ${PACKAGES[*]}" >&2

@@ -3,7 +3,9 @@
 Sources (``data.source`` or a split's own ``source``):
 
 ``sklearn:digits``  the 8x8 handwritten digits from scikit-learn, scaled to [0, 1]
-``text:FILE``       one sample per line, tokenized with the model's HF tokenizer
+``text:FILE``       one sample per line, tokenized with the model's HF tokenizer; for a
+                    byte-level language model (zoo models with ``tokenizer = "bytes"``)
+                    the whole file as UTF-8 bytes, cut into consecutive windows of ``seq``
 ``npz:FILE``        arrays named like the model inputs, plus optional ``labels``
 ``images:DIR``      ``DIR/<class>/<image>``; labels follow the sorted class folders
 
@@ -102,6 +104,7 @@ class RecipeData:
         dims: dict[str, int],
         tokenizer_dir: str | None,
         seed: int,
+        byte_tokens: bool = False,
     ):
         self.section = section
         self.resolve = resolve
@@ -109,6 +112,7 @@ class RecipeData:
         self.dims = dict(dims)
         self.tokenizer_dir = tokenizer_dir
         self.seed = seed
+        self.byte_tokens = byte_tokens
         self._sources: dict[str, _Loaded] = {}
         self._splits: dict[str, Split] = {}
         self._tokenizer = None
@@ -146,6 +150,7 @@ class RecipeData:
             "dims": self.dims,
             "seed": self.seed,
             "tokenizer_dir": self.tokenizer_dir,
+            "byte_tokens": self.byte_tokens,
         }
         h.update(json.dumps(ident, sort_keys=True).encode())
         files: list[Path] = []
@@ -314,6 +319,8 @@ class RecipeData:
 
     def _text(self, value: str, where: str) -> _Loaded:
         path = self._existing(value, where, "text file")
+        if self.byte_tokens:
+            return self._byte_windows(path, value, where)
         if not self.tokenizer_dir:
             raise UserError(f"{where}: text:{value} needs a tokenizer, and only hf: models bring one; use an hf: model folder with its tokenizer or npz:FILE data")
         unknown = [s.name for s in self.inputs if s.name not in TEXT_INPUTS]
@@ -335,6 +342,22 @@ class RecipeData:
                 a = np.zeros_like(enc["input_ids"])
             arrays[spec.name] = np.ascontiguousarray(np.asarray(a).astype(spec.dtype))
         return _Loaded(arrays, None, [path])
+
+    def _byte_windows(self, path: Path, value: str, where: str) -> _Loaded:
+        """Consecutive, non-overlapping windows of ``seq`` UTF-8 bytes: the samples of a byte-level language model."""
+        if [s.name for s in self.inputs] != ["input_ids"]:
+            raise UserError(f"{where}: byte-level text feeds one input_ids input, but the model takes {', '.join(s.name for s in self.inputs)}; use npz:FILE data")
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: {value} is not UTF-8 text; save it as UTF-8") from None
+        seq = self._seq_length(where)
+        n = len(data) // seq
+        if n < 1:
+            raise UserError(f"{where}: {value} has {len(data)} bytes, fewer than one window of {seq}; use a longer text or a smaller model.dims.seq")
+        tokens = np.frombuffer(data[: n * seq], dtype=np.uint8).reshape(n, seq)
+        return _Loaded({"input_ids": tokens.astype(self.inputs[0].dtype)}, None, [path])
 
     def _seq_length(self, where: str) -> int:
         if self.dims.get("seq"):

@@ -1,6 +1,7 @@
 """The evaluate probe: a task metric of one artifact on the recipe's eval split.
 
-``top1`` compares with labels; ``cosine``, ``max_abs`` and ``mean_abs`` compare
+``top1`` compares with labels; ``perplexity`` scores a causal LM's next-token
+logits against its own ``input_ids`` (lower is better); ``cosine``, ``max_abs`` and ``mean_abs`` compare
 with the source model's outputs on the same inputs, so every step and export is
 measured against where the pipeline started.
 """
@@ -19,8 +20,12 @@ from edgekit.errors import UserError
 def choose_metric(requested: str | None, task: str, has_labels: bool) -> str:
     if requested == "top1" and not has_labels:
         raise UserError("data.eval.metric top1 needs labels, but the eval data has none; use cosine or give labels")
+    if requested == "perplexity" and task != "lm":
+        raise UserError(f"data.eval.metric perplexity is for language models (task lm), but this model's task is {task}; use cosine or set model.task: lm")
     if requested:
         return requested
+    if task == "lm":
+        return "perplexity"
     return "top1" if task == "classification" and has_labels else "cosine"
 
 
@@ -39,6 +44,11 @@ def evaluate(artifact: Artifact, split, metric: str, reference: np.ndarray | Non
     result: dict[str, Any] = {"metric": metric, "samples": int(out.shape[0])}
     if metric == "top1":
         result["value"] = metrics.top1(out, split.labels)
+        return result
+    if metric == "perplexity":
+        if "input_ids" not in split.arrays:
+            raise UserError("data.eval.metric perplexity needs input_ids in the eval data; use text:FILE or an npz with input_ids")
+        result["value"] = metrics.perplexity(out, split.arrays["input_ids"], split.arrays.get("attention_mask"))
         return result
     if reference is None:
         raise ValueError("a reference output is needed for metric " + metric)

@@ -60,3 +60,23 @@ def max_rel(a: np.ndarray, b: np.ndarray) -> float:
     if not a.size:
         return 0.0
     return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
+
+
+def perplexity(logits: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> float:
+    """exp of the mean next-token negative log-likelihood of a causal LM.
+
+    ``logits`` (N, T, V) predict token ``t + 1`` at position ``t``; positions whose
+    target is masked out (``attention_mask`` 0) do not count.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    ids = np.asarray(input_ids)
+    if logits.ndim != 3 or ids.shape != logits.shape[:2]:
+        raise ValueError(f"perplexity needs logits [N, T, V] and input_ids [N, T], got {list(logits.shape)} and {list(ids.shape)}")
+    pred, target = logits[:, :-1], ids[:, 1:]
+    peak = pred.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(pred - peak).sum(axis=-1)) + peak[..., 0]
+    nll = log_z - np.take_along_axis(pred, target[..., None], axis=-1)[..., 0]
+    keep = np.ones_like(nll, dtype=bool) if attention_mask is None else np.asarray(attention_mask)[:, 1:].astype(bool)
+    if not keep.any():
+        raise ValueError("perplexity: every target position is masked out")
+    return float(np.exp(nll[keep].mean()))

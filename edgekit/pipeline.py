@@ -92,7 +92,8 @@ class Pipeline:
             from edgekit.data import RecipeData
 
             self.data = RecipeData(
-                r.data, r.resolve, self.source.inputs, self.dims, self.source.meta.get("tokenizer_dir"), r.seed
+                r.data, r.resolve, self.source.inputs, self.dims, self.source.meta.get("tokenizer_dir"), r.seed,
+                byte_tokens=self.source.meta.get("tokenizer") == "bytes",
             )
             self.data.check()
         for step in r.steps():
@@ -273,7 +274,7 @@ class Pipeline:
         split = self.data.split("eval")
         metric = choose_metric(self.recipe.data.eval.metric, artifact.task, split.labels is not None)
         reference = None
-        if metric != "top1":
+        if metric not in ("top1", "perplexity"):
             if self._reference is None:
                 self._reference = run_outputs(self.source, split, 1)
             reference = self._reference
@@ -291,6 +292,9 @@ class Pipeline:
         for rt_name in b.runtimes:
             rt = get_runtime(rt_name)
             if artifact.format not in rt.formats:
+                continue
+            if (reason := rt.skip_reason(artifact)) is not None:
+                self.out.log(f"  [dim]skip {rt_name} bench: {reason}[/dim]")
                 continue
             if rt_name == "torch" and b.device != "local":
                 self.out.log("  [dim]skip torch bench on the device: devices run exported models (onnx, tflite, tvm)[/dim]")

@@ -83,8 +83,8 @@ class SplitSpec(Strict):
 
 
 class EvalSpec(SplitSpec):
-    metric: Literal["top1", "cosine", "max_abs", "mean_abs"] | None = Field(
-        None, description="top1 needs labels; the others compare with the source model's outputs"
+    metric: Literal["top1", "perplexity", "cosine", "max_abs", "mean_abs"] | None = Field(
+        None, description="top1 needs labels; perplexity is for language models (task lm); the others compare with the source model's outputs"
     )
 
 
@@ -107,13 +107,16 @@ class DataSection(Strict):
 
 
 class BenchSection(Strict):
-    runtimes: list[Literal["onnxruntime", "litert", "tvm", "torch"]] = Field(
-        default_factory=lambda: ["onnxruntime"], description="each runtime times the exports it can load"
+    runtimes: list[Literal["onnxruntime", "litert", "tvm", "torch", "blockffn"]] = Field(
+        default_factory=lambda: ["onnxruntime"],
+        description="each runtime times the exports it can load; blockffn: torch models with BlockFFN layers on edgekit's sparse kernels",
     )
     device: str = Field(
         "local", description="local, or ssh://user@host[:port] to time the exports on that device (keys or an agent; known_hosts is checked)"
     )
     xnnpack: bool = Field(True, description="litert: run with the XNNPACK delegate")
+    blockffn_weights: Literal["fp32", "int8"] = Field("fp32", description="blockffn: expert weights of the sparse kernels")
+    blockffn_chunk: int = Field(8, ge=1, description="blockffn: tokens per chunk sharing the union of their active experts")
     threads: list[int] = Field(default_factory=lambda: [1])
     batch_sizes: list[int] = Field(default_factory=lambda: [1])
     warmup: int = Field(10, ge=0)

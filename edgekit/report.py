@@ -86,6 +86,8 @@ def format_metric(metric: str, value: Any) -> str:
         return f"{value * 100:.2f} %"
     if metric == "cosine":
         return f"{value:.5f}"
+    if metric == "perplexity":
+        return f"{value:.3f}"
     return f"{value:.2e}"
 
 
@@ -95,6 +97,8 @@ def _metric_delta(metric: str, value: float, ref: float) -> str:
         return f"{d * 100:+.2f} pp"
     if metric == "cosine":
         return f"{d:+.5f}"
+    if metric == "perplexity":
+        return f"{d:+.3f}"
     return f"{d:+.2e}"
 
 
@@ -290,6 +294,7 @@ def _setup_section(report: dict[str, Any]) -> list[str]:
 _METRIC_LABELS = {
     "top1": "top-1 accuracy (eval split)",
     "cosine": "cosine similarity to the source (eval split)",
+    "perplexity": "perplexity on the eval split (lower is better)",
     "max_abs": "max abs error vs. source (lower is better)",
     "mean_abs": "mean abs error vs. source (lower is better)",
 }

@@ -101,8 +101,13 @@ def _zoo(model: ModelSection, resolve) -> Artifact:
         task=info.task,
         builder={"kind": "zoo", "name": model.value, "args": model.args},
         module=module,
-        meta={"source": model.source, "dims": dict(info.dims or {})},
+        meta={"source": model.source, "dims": dict(info.dims or {}), **_tokenizer_meta(module)},
     )
+
+
+def _tokenizer_meta(module) -> dict[str, str]:
+    """Zoo language models over raw UTF-8 bytes say so (``tokenizer = "bytes"``), so text data needs no tokenizer files."""
+    return {"tokenizer": "bytes"} if getattr(module, "tokenizer", None) == "bytes" else {}
 
 
 def _torch_file(model: ModelSection, resolve) -> Artifact:

@@ -18,6 +18,7 @@ _ADAPTERS = {
     "litert": "edgekit.runtimes.litert:LiteRT",
     "tvm": "edgekit.runtimes.tvm:TvmRuntime",
     "torch": "edgekit.runtimes.torch_eager:TorchEager",
+    "blockffn": "edgekit.runtimes.blockffn_runtime:BlockFFNRuntime",
 }
 _DEFAULTS = {"torch": "torch", "onnx": "onnxruntime", "tflite": "litert", "tvm": "tvm"}
 
@@ -47,6 +48,8 @@ def runtime_options(name: str, bench: Any) -> dict[str, Any]:
         return {"graph_optimization": bench.graph_optimization}
     if name == "litert":
         return {"xnnpack": bench.xnnpack}
+    if name == "blockffn":
+        return {"weights": bench.blockffn_weights, "chunk": bench.blockffn_chunk}
     return {}
 
 

@@ -30,6 +30,10 @@ class Runtime(ABC):
     def available(self) -> bool:
         return True
 
+    def skip_reason(self, artifact: Artifact) -> str | None:
+        """Why this runtime does not time ``artifact`` although it reads its format (None: it does)."""
+        return None
+
     @abstractmethod
     def version(self) -> str: ...
 

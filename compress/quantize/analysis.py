@@ -20,7 +20,7 @@ from torch import nn
 from .calibrate import quantization_disabled, run_feeds
 from .modules import quant_layers
 
-HIGHER_IS_BETTER = {"top1": True, "cosine": True, "max_abs": False, "mean_abs": False}
+HIGHER_IS_BETTER = {"top1": True, "perplexity": False, "cosine": True, "max_abs": False, "mean_abs": False}
 
 
 def metric_drop(metric: str, baseline: float, value: float) -> float:

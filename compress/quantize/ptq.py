@@ -255,7 +255,7 @@ class TorchQuantizer:
         requested = getattr(getattr(getattr(self.ctx.data, "section", None), "eval", None), "metric", None)
         self.metric = choose_metric(requested, self.artifact.task, self.split.labels is not None)
         float_art = self.artifact.derive(module=self.float_model)
-        self.reference = None if self.metric == "top1" else run_outputs(float_art, self.split, 32 if self._dynamic_batch else 1)
+        self.reference = None if self.metric in ("top1", "perplexity") else run_outputs(float_art, self.split, 32 if self._dynamic_batch else 1)
         self.baseline = self._evaluate(self.float_model)
 
     @property
