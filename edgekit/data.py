@@ -352,11 +352,12 @@ class RecipeData:
             data.decode("utf-8")
         except UnicodeDecodeError:
             raise UserError(f"{where}: {value} is not UTF-8 text; save it as UTF-8") from None
+        from edgekit.models.byte_text import windows
+
         seq = self._seq_length(where)
-        n = len(data) // seq
-        if n < 1:
+        if len(data) < seq:
             raise UserError(f"{where}: {value} has {len(data)} bytes, fewer than one window of {seq}; use a longer text or a smaller model.dims.seq")
-        tokens = np.frombuffer(data[: n * seq], dtype=np.uint8).reshape(n, seq)
+        tokens = windows(np.frombuffer(data, dtype=np.uint8), seq)
         return _Loaded({"input_ids": tokens.astype(self.inputs[0].dtype)}, None, [path])
 
     def _seq_length(self, where: str) -> int:

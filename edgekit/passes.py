@@ -31,6 +31,8 @@ BUILTIN_PASS_MODULES = (
     "edgekit.compress.quantize.ptq",
     "edgekit.compress.quantize.qat",
     "edgekit.compress.prune.vib",
+    "edgekit.compress.moe.train_lm",
+    "edgekit.compress.moe.finetune",
     "edgekit.export.onnx",
     "edgekit.export.tflite",
     "edgekit.export.tvm",

@@ -140,11 +140,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _main_table(steps)
     lines += ["", "Accuracy is measured on the recipe's eval split; Δ columns compare each step with the source. "
               "Latency and throughput: batch 1 with the fewest threads benchmarked (every measurement is under Benchmarks)."]
+    from edgekit.report_blockffn import render_blockffn_section
     from edgekit.report_fpga import render_fpga_section
     from edgekit.report_prune import render_prune_section
     from edgekit.report_quant import render_quant_section
 
     lines += render_prune_section(steps)
+    lines += render_blockffn_section(steps)
     lines += render_fpga_section(steps)
     lines += render_quant_section(steps)
     lines += _bench_section(steps)

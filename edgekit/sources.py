@@ -55,6 +55,7 @@ TRANSFORMS = {
     "fold_bn": ("edgekit.compress.quantize.bn_fold", "fold_batchnorm"),
     "quantize": ("edgekit.compress.quantize.modules", "apply_plan"),
     "prune": ("edgekit.compress.prune.structure", "restructure"),
+    "blockffn": ("edgekit.compress.moe.convert", "to_blockffn"),
 }
 
 
