@@ -338,6 +338,16 @@ def list_zoo(pattern: str) -> None:
         click.echo(name)
 
 
+@cli.command("datasets")
+def list_generated() -> None:
+    """List the datasets edgekit generates (data source synth:NAME:N)."""
+    from edgekit.models.datasets import list_datasets
+
+    for name, doc in list_datasets().items():
+        if not name.startswith("_"):
+            click.echo(f"{name:16s} {doc}")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="edgekit", standalone_mode=False)

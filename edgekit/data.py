@@ -8,6 +8,9 @@ Sources (``data.source`` or a split's own ``source``):
                     the whole file as UTF-8 bytes, cut into consecutive windows of ``seq``
 ``npz:FILE``        arrays named like the model inputs, plus optional ``labels``
 ``images:DIR``      ``DIR/<class>/<image>``; labels follow the sorted class folders
+``synth:NAME:N``    ``N`` samples of a dataset edgekit generates (``edgekit.models.datasets``),
+                    shaped to the model's inputs; drawn from the recipe seed and the
+                    source's YAML path, so a separate eval source never repeats train samples
 
 One source is split deterministically (shuffled by the recipe seed): the last
 ``holdout`` share is eval, the rest train, and calibration is the first
@@ -218,8 +221,8 @@ class RecipeData:
         if source not in self._sources:
             kind, _, value = source.partition(":")
             if kind not in DATA_KINDS or not value:
-                raise UserError(f"{where}: {source!r} is not a data source; use one of sklearn:digits, text:FILE, npz:FILE, images:DIR")
-            loader = {"sklearn": self._sklearn, "text": self._text, "npz": self._npz, "images": self._images}[kind]
+                raise UserError(f"{where}: {source!r} is not a data source; use one of sklearn:digits, text:FILE, npz:FILE, images:DIR, synth:NAME:N")
+            loader = {"sklearn": self._sklearn, "text": self._text, "npz": self._npz, "images": self._images, "synth": self._synth}[kind]
             loaded = loader(value, where)
             if len(loaded) == 0:
                 raise UserError(f"{where}: {source} holds no samples; add some")
@@ -264,6 +267,23 @@ class RecipeData:
         if spec.layout == "NHWC" and len(shape) == 3:
             x = x[..., None]
         return _Loaded({spec.name: x.reshape(len(x), *shape)}, digits.target.astype(np.int64))
+
+    def _synth(self, value: str, where: str) -> _Loaded:
+        from edgekit.models.datasets import generate
+
+        name, _, count = value.rpartition(":")
+        if not name or not count.isdigit() or int(count) < 1:
+            raise UserError(f"{where}: synth:{value} needs a dataset name and a sample count, e.g. synth:shapes_cls:2000")
+        # A seed per YAML path: data.source and data.eval.source draw different samples.
+        seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{where}".encode()).digest()[:4], "little")
+        data = generate(name, int(count), seed, self.inputs, self.dims)
+        arrays = {s.name: np.ascontiguousarray(data.arrays[s.name].astype(s.dtype, copy=False)) for s in self.inputs}
+        for spec in self.inputs:
+            got, want = list(arrays[spec.name].shape[1:]), self._sample_shape(spec)
+            if got != want:
+                raise UserError(f"{where}: synth:{name} makes {spec.name} samples of shape {got} but the model expects {want}; fix model.dims or the model's input size")
+        labels = None if data.labels is None else data.labels.astype(np.int64)
+        return _Loaded(arrays, labels)
 
     def _existing(self, value: str, where: str, what: str, folder: bool = False) -> Path:
         path = self.resolve(value)

@@ -33,6 +33,8 @@ BUILTIN_PASS_MODULES = (
     "edgekit.compress.prune.vib",
     "edgekit.compress.moe.train_lm",
     "edgekit.compress.moe.finetune",
+    "edgekit.compress.tokens.transform",
+    "edgekit.compress.tokens.feather",
     "edgekit.export.onnx",
     "edgekit.export.tflite",
     "edgekit.export.tvm",

@@ -498,7 +498,23 @@ def _torch_info(target: str, module, specs: list[TensorSpec], dims: dict[str, in
         "outputs": prof.pop("outputs"),
         **prof,
         "size_bytes": size,
+        "tokens": _token_layers(module, specs, dims),
     }
+
+
+def _token_layers(module, specs: list[TensorSpec], dims: dict[str, int]) -> dict[str, Any] | None:
+    """Tokens and MACs per transformer block, for models that expose their blocks (ViTs, VLMs)."""
+    if not callable(getattr(module, "token_blocks", None)):
+        return None
+    import torch
+
+    from edgekit.compress.tokens.accounting import token_flops
+
+    dims1 = _batch1_dims(specs, dims)
+    try:
+        return token_flops(module, {s.name: torch.from_numpy(s.random(dims1)) for s in specs})
+    except Exception:  # the profile still stands without the per-layer view
+        return None
 
 
 def _inspect_zoo(name: str) -> dict[str, Any]:
@@ -524,6 +540,8 @@ def _inspect_artifact(folder: Path) -> dict[str, Any]:
     else:
         result = {"target": str(folder), "format": artifact.format, "size_bytes": artifact.size_bytes(), "ops": {}}
     result.update(task=artifact.task, lineage=[step["pass"] for step in artifact.lineage])
+    if artifact.meta.get("tokens"):  # the compression pass's measurement, with the dense model beside it
+        result["tokens"] = artifact.meta["tokens"]
     return result
 
 
@@ -575,4 +593,16 @@ def format_inspect(info: dict[str, Any]):
     ops.add_column("count", justify="right")
     for op, n in (info.get("ops") or {}).items():
         ops.add_row(escape(op), str(n))
-    return Group(head, io, ops)
+    parts = [head, io, ops]
+    tokens = info.get("tokens")
+    if tokens and tokens.get("layers"):
+        from edgekit.compress.tokens.accounting import layer_rows
+
+        title = "tokens per transformer block" + (f" ({escape(str(tokens['method']))})" if tokens.get("method") else "")
+        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+        for col in ("layer", "tokens in", "tokens out", "MACs"):
+            table.add_column(col, justify="right")
+        for row in layer_rows(tokens):
+            table.add_row(*row)
+        parts.append(table)
+    return Group(*parts)

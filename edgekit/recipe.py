@@ -21,7 +21,7 @@ from edgekit.errors import UserError
 from edgekit.passes import Pass, PassConfig, canonical_name, registry, suggest
 
 SOURCE_KINDS = ("zoo", "onnx", "torch", "hf", "python")
-DATA_KINDS = ("sklearn", "text", "npz", "images")
+DATA_KINDS = ("sklearn", "text", "npz", "images", "synth")
 RUNTIMES = ("onnxruntime", "litert", "tvm", "torch")
 METRICS = ("top1", "cosine", "max_abs", "mean_abs")
 
@@ -89,7 +89,7 @@ class EvalSpec(SplitSpec):
 
 
 class DataSection(Strict):
-    source: str | None = Field(None, description="sklearn:digits, text:FILE, npz:FILE or images:DIR")
+    source: str | None = Field(None, description="sklearn:digits, text:FILE, npz:FILE, images:DIR or synth:NAME:N (N samples of a dataset edgekit generates)")
     holdout: float = Field(0.2, gt=0, lt=1, description="share of a single source kept for eval")
     calibration: SplitSpec = Field(default_factory=lambda: SplitSpec(samples=128))
     train: SplitSpec = Field(default_factory=SplitSpec)
@@ -102,7 +102,7 @@ class DataSection(Strict):
             return v
         kind, sep, rest = v.partition(":")
         if not sep or not rest or kind not in DATA_KINDS:
-            raise ValueError(f"{v!r} is not a data source; use one of sklearn:digits, text:FILE, npz:FILE, images:DIR")
+            raise ValueError(f"{v!r} is not a data source; use one of sklearn:digits, text:FILE, npz:FILE, images:DIR, synth:NAME:N")
         return v
 
 

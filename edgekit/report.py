@@ -144,8 +144,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     from edgekit.report_fpga import render_fpga_section
     from edgekit.report_prune import render_prune_section
     from edgekit.report_quant import render_quant_section
+    from edgekit.report_tokens import render_tokens_section
 
     lines += render_prune_section(steps)
+    lines += render_tokens_section(steps)
     lines += render_blockffn_section(steps)
     lines += render_fpga_section(steps)
     lines += render_quant_section(steps)

@@ -56,6 +56,8 @@ TRANSFORMS = {
     "quantize": ("edgekit.compress.quantize.modules", "apply_plan"),
     "prune": ("edgekit.compress.prune.structure", "restructure"),
     "blockffn": ("edgekit.compress.moe.convert", "to_blockffn"),
+    "tokens.transform": ("edgekit.compress.tokens.transform", "apply_token_schedule"),
+    "tokens.feather": ("edgekit.compress.tokens.feather", "apply_feather"),
 }
 
 
@@ -80,6 +82,8 @@ def _build_base(builder: dict[str, Any]):
         return create_model(builder["name"], **builder.get("args", {}))
     if kind == "hf":
         return _hf_module(Path(builder["path"]), builder["pooling"], builder["normalize"])
+    if kind == "hf_vision":
+        return _hf_vision_module(Path(builder["path"]))
     if kind == "python":
         return _call_factory(builder["target"], builder.get("args", {}))
     raise UserError(f"cannot rebuild a torch module from builder {builder!r}; re-run the recipe from its source")
@@ -219,6 +223,10 @@ def _hf_dir(model: ModelSection, resolve) -> Artifact:
     path = resolve(model.value)
     if not (path / "config.json").is_file():
         raise UserError(f"model.source: {path} is not a Hugging Face model folder (no config.json); point at a folder saved with save_pretrained")
+    from edgekit.models.hf_vision import is_vision_folder
+
+    if is_vision_folder(path):
+        return _hf_vision_dir(model, path)
     module = _hf_module(path, model.hf.pooling, model.hf.normalize)
     forward_args = set(module.input_names)
     vocab = int(getattr(module.config, "vocab_size", 2) or 2)
@@ -237,6 +245,30 @@ def _hf_dir(model: ModelSection, resolve) -> Artifact:
         module=module,
         meta={"source": model.source, "tokenizer_dir": str(path) if has_tokenizer else None, "dims": {"batch": 1, "seq": model.hf.max_length}},
     )
+
+
+def _hf_vision_dir(model: ModelSection, path: Path) -> Artifact:
+    """A Hugging Face image classifier (e.g. ViTForImageClassification): pixel_values in, logits out."""
+    module = _hf_vision_module(path)
+    return Artifact(
+        format="torch",
+        inputs=model.inputs or module.input_specs(),
+        outputs=["logits"],
+        task=model.task or "classification",
+        builder={"kind": "hf_vision", "path": str(path)},
+        module=module,
+        meta={"source": model.source, "dims": {"batch": 1}},
+    )
+
+
+def _hf_vision_module(path: Path):
+    from edgekit.models.hf_vision import HFImageClassifier
+
+    try:
+        return HFImageClassifier.from_folder(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.source: cannot load a transformers image model from {path} offline ({first}); check the folder holds a valid config.json and weights") from None
 
 
 def _hf_module(path: Path, pooling: str, normalize: bool):

@@ -1,0 +1,1 @@
+"""Token compression for transformers: Token Transforming / ToMe / pruning for ViTs, FastV and FEATHER for VLMs."""
