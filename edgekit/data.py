@@ -48,6 +48,8 @@ class Split:
     name: str
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    groups: np.ndarray | None = None  # a category per sample (e.g. question kind), for accuracy by group
+    group_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(next(iter(self.arrays.values())).shape[0]) if self.arrays else 0
@@ -74,7 +76,8 @@ class Split:
         """The first ``n`` samples (all when ``n`` is None) as a new split."""
         sl = slice(None) if n is None else slice(0, n)
         labels = None if self.labels is None else self.labels[sl]
-        return Split(name or self.name, {k: v[sl] for k, v in self.arrays.items()}, labels)
+        groups = None if self.groups is None else self.groups[sl]
+        return Split(name or self.name, {k: v[sl] for k, v in self.arrays.items()}, labels, groups, self.group_names)
 
 
 @dataclass
@@ -84,16 +87,19 @@ class _Loaded:
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None
     files: list[Path] = field(default_factory=list)  # what was read, for the fingerprint
+    groups: np.ndarray | None = None
+    group_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(next(iter(self.arrays.values())).shape[0])
 
     def split(self, name: str) -> Split:
-        return Split(name, dict(self.arrays), self.labels)
+        return Split(name, dict(self.arrays), self.labels, self.groups, self.group_names)
 
     def select(self, index: np.ndarray, name: str) -> Split:
         labels = None if self.labels is None else self.labels[index]
-        return Split(name, {k: v[index] for k, v in self.arrays.items()}, labels)
+        groups = None if self.groups is None else self.groups[index]
+        return Split(name, {k: v[index] for k, v in self.arrays.items()}, labels, groups, self.group_names)
 
 
 class RecipeData:
@@ -283,7 +289,8 @@ class RecipeData:
             if got != want:
                 raise UserError(f"{where}: synth:{name} makes {spec.name} samples of shape {got} but the model expects {want}; fix model.dims or the model's input size")
         labels = None if data.labels is None else data.labels.astype(np.int64)
-        return _Loaded(arrays, labels)
+        groups = None if data.groups is None or not data.group_names else np.asarray(data.groups, np.int64)
+        return _Loaded(arrays, labels, groups=groups, group_names=tuple(data.group_names))
 
     def _existing(self, value: str, where: str, what: str, folder: bool = False) -> Path:
         path = self.resolve(value)

@@ -44,6 +44,12 @@ def evaluate(artifact: Artifact, split, metric: str, reference: np.ndarray | Non
     result: dict[str, Any] = {"metric": metric, "samples": int(out.shape[0])}
     if metric == "top1":
         result["value"] = metrics.top1(out, split.labels)
+        groups = getattr(split, "groups", None)
+        if groups is not None:  # e.g. localization vs other questions of a generated VQA set
+            result["by_group"] = {
+                name: metrics.top1(out[groups == g], split.labels[groups == g])
+                for g, name in enumerate(split.group_names) if (groups == g).any()
+            }
         return result
     if metric == "perplexity":
         if "input_ids" not in split.arrays:

@@ -146,6 +146,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     from edgekit.report_quant import render_quant_section
     from edgekit.report_tokens import render_tokens_section
 
+    lines += _group_section(steps)
     lines += render_prune_section(steps)
     lines += render_tokens_section(steps)
     lines += render_blockffn_section(steps)
@@ -155,6 +156,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _parity_section(steps)
     lines += _setup_section(report)
     return "\n".join(lines) + "\n"
+
+
+def _group_section(steps: list[dict[str, Any]]) -> list[str]:
+    """Top-1 per sample group (e.g. localization vs other questions), when the eval data has groups."""
+    rows = [(s.get("id", "?"), ((s.get("metrics") or {}).get("accuracy") or {}).get("by_group")) for s in steps]
+    rows = [(i, g) for i, g in rows if g]
+    if not rows:
+        return []
+    names = list(dict.fromkeys(n for _, g in rows for n in g))
+    lines = ["", "## Accuracy by group", "", "| Step | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for step_id, groups in rows:
+        lines.append(f"| {step_id} | " + " | ".join(_num(100 * groups[n], ".2f", " %") if n in groups else DASH for n in names) + " |")
+    return lines
 
 
 def _context_line(report: dict[str, Any]) -> str:

@@ -112,3 +112,31 @@ def test_hugging_face_vit_from_a_folder_compresses_and_exports(tmp_path):
     assert tokens["method"] == "tome" and [r["dense_tokens"] for r in tokens["layers"]] == [65, 65, 65]
     assert tokens["layers"][-1]["tokens"] < 65 and tokens["block_macs_cut"] > 0.2
     assert _manifest(tmp_path / "run", "export.onnx")["metrics"]["verify"]["passed"] is True
+
+
+VLM_RECIPE = """
+name: vlm_feather_micro
+seed: 0
+model:
+  source: zoo:tiny_vlm_micro
+  dims: {batch: 1}
+data:
+  source: synth:shapes_vqa:60
+  holdout: 0.5
+  calibration: {samples: 4}
+  eval: {metric: top1}
+compress:
+  - tokens.feather: {method: feather}
+report: {formats: [json, md]}
+"""
+
+
+def test_vlm_recipe_reports_accuracy_by_question_kind(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(VLM_RECIPE)
+    assert run(["compress", str(tmp_path / "recipe.yaml"), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    acc = _manifest(tmp_path / "run", "tokens.feather")["metrics"]["accuracy"]
+    assert set(acc["by_group"]) == {"localization", "other"}
+    assert all(0 <= v <= 1 for v in acc["by_group"].values())
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Accuracy by group" in report and "| Step | localization | other |" in report
+    assert "## Token compression (01-tokens.feather)" in report
