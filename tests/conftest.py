@@ -45,3 +45,33 @@ bench:
   repeats: 5
 report: {formats: [json, md]}
 """
+
+
+def run_cli(argv: list[str]) -> int:
+    """``edgekit ARGV`` in this process; its exit code."""
+    from edgekit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
+
+
+def compress_recipe(folder: Path, text: str, cache: Path | None = None) -> Path:
+    """Write ``text`` as a recipe in ``folder``, run ``edgekit compress`` on it (exit 0 asserted); the run folder.
+
+    ``cache``: an EDGEKIT_CACHE for module-scoped fixtures, which run before the per-test cache is set.
+    """
+    recipe = write_recipe(folder, text)
+    with pytest.MonkeyPatch.context() as mp:
+        if cache is not None:
+            mp.setenv("EDGEKIT_CACHE", str(cache))
+        code = run_cli(["compress", str(recipe), "--run-dir", str(folder / "run"), "--quiet"])
+    assert code == 0
+    return folder / "run"
+
+
+def step_manifest(run_dir: Path, pass_name: str) -> dict:
+    """The manifest of the (first) step of a run that ran ``pass_name``."""
+    import json
+
+    return json.loads((next((run_dir / "steps").glob(f"*{pass_name}")) / "manifest.json").read_text())

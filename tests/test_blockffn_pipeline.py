@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgekit.artifact import Artifact
-from edgekit.cli import main
+from tests.conftest import compress_recipe, step_manifest
 
 if shutil.which("gcc") is None and not os.environ.get("EDGEKIT_REQUIRE_SYSTEM_TOOLS"):  # .ci/system-packages.sh installs it
     pytest.skip("gcc is not installed", allow_module_level=True)
@@ -43,41 +42,26 @@ report: {{formats: [json, md]}}
 """
 
 
-def run(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    return exit_info.value.code
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("blockffn")
-    (tmp / "recipe.yaml").write_text(RECIPE)
-    with pytest.MonkeyPatch.context() as mp:  # module-scoped: conftest's per-test cache is not set up yet
-        mp.setenv("EDGEKIT_CACHE", str(tmp / "cache"))
-        code = run(["compress", str(tmp / "recipe.yaml"), "--run-dir", str(tmp / "run"), "--quiet"])
-    assert code == 0
-    return tmp / "run"
-
-
-def _manifest(run_dir: Path, name: str) -> dict:
-    return json.loads((next((run_dir / "steps").glob(f"*{name}")) / "manifest.json").read_text())
+    return compress_recipe(tmp, RECIPE, cache=tmp / "cache")
 
 
 @pytest.mark.slow
-def test_recipe_reports_sparsity_perplexity_and_kernel_timing(finished_run):
-    m = _manifest(finished_run, "moe.blockffn")
+def test_recipe_reports_sparsity_perplexity_and_both_runtimes(finished_run):
+    m = step_manifest(finished_run, "moe.blockffn")
     bffn = m["metrics"]["blockffn"]
     assert bffn["experts"] == 8 and bffn["layers"] == 2
     assert bffn["before"]["tls"] == 0 and 0 <= bffn["after"]["tls"] <= 1
     assert m["metrics"]["accuracy"]["metric"] == "perplexity" and m["metrics"]["accuracy"]["value"] > 1
     runtimes = {b["runtime"] for b in m["metrics"]["bench"]}
     assert runtimes == {"torch", "blockffn"}
-    source = _manifest(finished_run, "source")
+    source = step_manifest(finished_run, "source")
     assert {b["runtime"] for b in source["metrics"].get("bench", [])} == {"torch"}  # dense: the sparse runtime skips it
     report = (finished_run / "report.md").read_text()
     assert "## BlockFFN" in report and "CLS (8 tokens)" in report and "on the sparse kernels" in report
-    onnx = _manifest(finished_run, "export.onnx")
+    onnx = step_manifest(finished_run, "export.onnx")
     assert onnx["metrics"]["verify"]["passed"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.cli import main
+from tests.conftest import run_cli
 
 pytest.importorskip("hls4ml")
 if shutil.which("g++") is None and not os.environ.get("EDGEKIT_REQUIRE_SYSTEM_TOOLS"):  # .ci/system-packages.sh installs it
@@ -32,17 +32,11 @@ report: {{formats: [json, md]}}
 """
 
 
-def run(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    return exit_info.value.code
-
-
 def compress(tmp_path: Path, variant: str = "dcn_dw_square_int", board: str = "zcu104", extra: str = "") -> tuple[int, Path]:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.format(variant=variant, board=board, extra=extra))
     run_dir = tmp_path / "run"
-    return run(["compress", str(recipe), "--run-dir", str(run_dir), "--quiet"]), run_dir
+    return run_cli(["compress", str(recipe), "--run-dir", str(run_dir), "--quiet"]), run_dir
 
 
 @pytest.mark.slow
@@ -64,7 +58,7 @@ def test_recipe_writes_a_project_that_csim_proves_bit_exact(tmp_path, capsys):
     assert any("deform" in p.name for p in (project / "firmware" / "weights").iterdir())
 
     capsys.readouterr()
-    assert run(["fpga", "csim", str(run_dir), "--no-sanitize", "--images", "2"]) == 0
+    assert run_cli(["fpga", "csim", str(run_dir), "--no-sanitize", "--images", "2"]) == 0
     assert "all bit-exact" in capsys.readouterr().out
 
     # A generated bias changed by hand: the testbench must see it and the command must fail.
@@ -73,7 +67,7 @@ def test_recipe_writes_a_project_that_csim_proves_bit_exact(tmp_path, capsys):
     start = text.index("b_heatmap_out[3] = {") + len("b_heatmap_out[3] = {")
     end = text.index(",", start)
     header.write_text(text[:start] + str(int(text[start:end]) + 1) + text[end:])
-    assert run(["fpga", "csim", str(run_dir), "--no-sanitize", "--images", "2"]) == 1
+    assert run_cli(["fpga", "csim", str(run_dir), "--no-sanitize", "--images", "2"]) == 1
     assert "differs from the integer reference" in capsys.readouterr().err
 
 
@@ -94,10 +88,10 @@ def test_float_only_variant_is_refused_by_name(tmp_path, capsys):
 def test_unknown_board_and_missing_run_are_user_errors(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.format(variant="conv3x3", board="ultra69", extra=""))
-    assert run(["compress", str(recipe), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    assert run_cli(["compress", str(recipe), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
     assert "ultra96v2" in capsys.readouterr().err
-    assert run(["fpga", "csim", str(tmp_path / "nowhere")]) == 2
+    assert run_cli(["fpga", "csim", str(tmp_path / "nowhere")]) == 2
     assert "not a folder" in capsys.readouterr().err
     (tmp_path / "empty" / "steps").mkdir(parents=True)
-    assert run(["fpga", "csim", str(tmp_path / "empty")]) == 2
+    assert run_cli(["fpga", "csim", str(tmp_path / "empty")]) == 2
     assert "no finished fpga.hls step" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.cli import main
+from tests.conftest import compress_recipe, run_cli, step_manifest
 
 RECIPE = """
 name: vit_tokens_micro
@@ -35,30 +35,15 @@ report: {formats: [json, md]}
 """
 
 
-def run(argv: list[str]) -> int:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    return exit_info.value.code
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tokens")
-    (tmp / "recipe.yaml").write_text(RECIPE)
-    with pytest.MonkeyPatch.context() as mp:  # module-scoped: conftest's per-test cache is not set up yet
-        mp.setenv("EDGEKIT_CACHE", str(tmp / "cache"))
-        code = run(["compress", str(tmp / "recipe.yaml"), "--run-dir", str(tmp / "run"), "--quiet"])
-    assert code == 0
-    return tmp / "run"
-
-
-def _manifest(run_dir: Path, name: str) -> dict:
-    return json.loads((next((run_dir / "steps").glob(f"*{name}")) / "manifest.json").read_text())
+    return compress_recipe(tmp, RECIPE, cache=tmp / "cache")
 
 
 @pytest.mark.slow
 def test_recipe_records_tokens_and_macs_per_layer(finished_run):
-    m = _manifest(finished_run, "tokens.transform")
+    m = step_manifest(finished_run, "tokens.transform")
     tokens = m["metrics"]["tokens"]
     assert tokens["method"] == "transform"
     layers = tokens["layers"]
@@ -68,7 +53,7 @@ def test_recipe_records_tokens_and_macs_per_layer(finished_run):
     assert 0.2 < tokens["block_macs_cut"] < 0.4  # the schedule was solved for 30%, measured on the model
     assert sum(r["macs"] for r in layers) == tokens["block_macs"] < tokens["dense_block_macs"]
     assert m["metrics"]["accuracy"]["metric"] == "top1"
-    onnx = _manifest(finished_run, "export.onnx")
+    onnx = step_manifest(finished_run, "export.onnx")
     assert onnx["metrics"]["verify"]["passed"] is True
     report = (finished_run / "report.md").read_text()
     assert "## Token compression" in report and "| layer | tokens in | tokens out | MACs |" in report and "65 → " in report
@@ -77,7 +62,7 @@ def test_recipe_records_tokens_and_macs_per_layer(finished_run):
 @pytest.mark.slow
 def test_inspect_shows_the_schedule_of_the_export(finished_run, capsys):
     step = next((finished_run / "steps").glob("*export.onnx"))
-    assert run(["inspect", str(step), "--json"]) == 0
+    assert run_cli(["inspect", str(step), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert [r["tokens"] for r in info["tokens"]["layers"]][0] == 65
     assert info["macs"] < info["tokens"]["dense_total_macs"]  # the exported graph computes the compressed schedule
@@ -106,12 +91,11 @@ def test_hugging_face_vit_from_a_folder_compresses_and_exports(tmp_path):
     config = ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                        intermediate_size=64, num_labels=10)
     ViTForImageClassification(config).save_pretrained(tmp_path / "hf_vit")
-    (tmp_path / "recipe.yaml").write_text(HF_RECIPE)
-    assert run(["compress", str(tmp_path / "recipe.yaml"), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
-    tokens = _manifest(tmp_path / "run", "tokens.transform")["metrics"]["tokens"]
+    compress_recipe(tmp_path, HF_RECIPE)
+    tokens = step_manifest(tmp_path / "run", "tokens.transform")["metrics"]["tokens"]
     assert tokens["method"] == "tome" and [r["dense_tokens"] for r in tokens["layers"]] == [65, 65, 65]
     assert tokens["layers"][-1]["tokens"] < 65 and tokens["block_macs_cut"] > 0.2
-    assert _manifest(tmp_path / "run", "export.onnx")["metrics"]["verify"]["passed"] is True
+    assert step_manifest(tmp_path / "run", "export.onnx")["metrics"]["verify"]["passed"] is True
 
 
 VLM_RECIPE = """
@@ -132,9 +116,8 @@ report: {formats: [json, md]}
 
 
 def test_vlm_recipe_reports_accuracy_by_question_kind(tmp_path):
-    (tmp_path / "recipe.yaml").write_text(VLM_RECIPE)
-    assert run(["compress", str(tmp_path / "recipe.yaml"), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
-    acc = _manifest(tmp_path / "run", "tokens.feather")["metrics"]["accuracy"]
+    compress_recipe(tmp_path, VLM_RECIPE)
+    acc = step_manifest(tmp_path / "run", "tokens.feather")["metrics"]["accuracy"]
     assert set(acc["by_group"]) == {"localization", "other"}
     assert all(0 <= v <= 1 for v in acc["by_group"].values())
     report = (tmp_path / "run" / "report.md").read_text()

@@ -79,6 +79,15 @@ def token_flops(module, feeds: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def sample_feed(artifact, ctx) -> dict[str, Any]:
+    """One batch-1 sample to count on: the recipe's first data sample, else random values shaped to the inputs."""
+    samples = ctx.samples(1) if ctx.samples is not None else []
+    if samples:
+        return {k: v[:1] for k, v in samples[0].items()}
+    dims = {**artifact.meta.get("dims", {}), **ctx.dims, "batch": 1}
+    return {s.name: s.random(dims, seed=ctx.seed) for s in artifact.inputs}
+
+
 def compare(dense: dict[str, Any], compressed: dict[str, Any]) -> dict[str, Any]:
     """``compressed`` with the dense model's per-layer numbers beside it and the share of MACs cut."""
     out = dict(compressed)

@@ -186,15 +186,6 @@ def kept_positions(module, feeds: dict[str, Any]) -> dict[int, Any]:
     return dict(sorted(found.items()))
 
 
-def _batch1_feed(artifact: Artifact, ctx: PassContext) -> dict[str, Any]:
-    if ctx.samples is not None:
-        samples = ctx.samples(1)
-        if samples:
-            return {k: v[:1] for k, v in samples[0].items()}
-    dims = {**artifact.meta.get("dims", {}), **ctx.dims, "batch": 1}
-    return {s.name: s.random(dims, seed=ctx.seed) for s in artifact.inputs}
-
-
 class TokensFeather(Pass):
     """Prune a VLM's image tokens inside its LM: FastV (RoPE score) or FEATHER (no-RoPE score + uniform grid, two stages)."""
 
@@ -204,14 +195,14 @@ class TokensFeather(Pass):
     accepts = ("torch",)
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
-        from edgekit.compress.tokens.accounting import compare, token_flops
+        from edgekit.compress.tokens.accounting import compare, sample_feed, token_flops
 
         cfg: FeatherConfig = self.config
         dense = artifact.torch_module().eval()
         module = copy.deepcopy(dense)
         stages = plan_stages(module, cfg)
         apply_feather(module, stages=stages)
-        feed = _batch1_feed(artifact, ctx)
+        feed = sample_feed(artifact, ctx)
         result = compare(token_flops(dense, feed), token_flops(module, feed))
         result.update(method=cfg.method, stages=stages, image_tokens=module.image_grid[0] * module.image_grid[1])
         ctx.metrics["tokens"] = result

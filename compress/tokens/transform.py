@@ -190,7 +190,7 @@ class TokenTransform(Pass):
     uses_data = ()
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
-        import numpy as np
+        from .accounting import compare, sample_feed, token_flops
 
         cfg: TokenTransformConfig = self.config
         dense = artifact.torch_module()
@@ -219,19 +219,10 @@ class TokenTransform(Pass):
         }
         if cfg.method == "transform":
             info.update(top_m=cfg.top_m, temperature=cfg.temperature, anchors=cfg.anchors)
-        feeds = ctx.samples(1)[0] if ctx.samples else {s.name: np.zeros(s.concrete_shape(ctx.dims), s.dtype) for s in artifact.inputs}
-        info.update(_measure(dense, module, feeds))
+        feed = sample_feed(artifact, ctx)
+        info.update(compare(token_flops(dense, feed), token_flops(module, feed)))
         ctx.metrics["tokens"] = info
-        ctx.log(f"  tokens.transform ({cfg.method}): tokens per layer {tokens_in} -> {n}, block MACs cut {info.get('block_macs_cut', info['analytic_block_cut']):.1%}")
+        ctx.log(f"  tokens.transform ({cfg.method}): tokens per layer {tokens_in} -> {n}, block MACs cut {info['block_macs_cut']:.1%}")
         builder = copy.deepcopy(artifact.builder or {})
         builder["transforms"] = list(builder.get("transforms", [])) + [{"kind": "tokens.transform", "args": args}]
         return artifact.derive(module=module, builder=builder, meta={**artifact.meta, "tokens": info})
-
-
-def _measure(dense, module, feeds) -> dict:
-    """The lead's FLOPs accounting of the compressed model next to the dense one (empty if unavailable)."""
-    try:
-        from .accounting import compare, token_flops
-    except ImportError:
-        return {}
-    return compare(token_flops(dense, feeds), token_flops(module, feeds))
