@@ -284,6 +284,8 @@ class RecipeData:
         seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{where}".encode()).digest()[:4], "little")
         data = generate(name, int(count), seed, self.inputs, self.dims)
         arrays = {s.name: np.ascontiguousarray(data.arrays[s.name].astype(s.dtype, copy=False)) for s in self.inputs}
+        # arrays the model does not take (e.g. target_ids of a text-to-text set) ride along for the passes
+        arrays.update({k: v for k, v in data.arrays.items() if k not in arrays})
         for spec in self.inputs:
             got, want = list(arrays[spec.name].shape[1:]), self._sample_shape(spec)
             if got != want:

@@ -22,8 +22,12 @@ def choose_metric(requested: str | None, task: str, has_labels: bool) -> str:
         raise UserError("data.eval.metric top1 needs labels, but the eval data has none; use cosine or give labels")
     if requested == "perplexity" and task != "lm":
         raise UserError(f"data.eval.metric perplexity is for language models (task lm), but this model's task is {task}; use cosine or set model.task: lm")
+    if requested == "exact_match" and task != "seq2seq":
+        raise UserError(f"data.eval.metric exact_match is for text-to-text models (task seq2seq), but this model's task is {task}; use another metric or set model.task: seq2seq")
     if requested:
         return requested
+    if task == "seq2seq":
+        return "exact_match"
     if task == "lm":
         return "perplexity"
     return "top1" if task == "classification" and has_labels else "cosine"
@@ -39,6 +43,8 @@ def run_outputs(artifact: Artifact, split, batch_size: int) -> np.ndarray:
 
 
 def evaluate(artifact: Artifact, split, metric: str, reference: np.ndarray | None) -> dict[str, Any]:
+    if metric == "exact_match":
+        return evaluate_generation(artifact, split)
     batch = 32 if isinstance(artifact.inputs[0].shape[0], str) else 1
     out = run_outputs(artifact, split, batch)
     result: dict[str, Any] = {"metric": metric, "samples": int(out.shape[0])}
@@ -66,3 +72,49 @@ def evaluate(artifact: Artifact, split, metric: str, reference: np.ndarray | Non
     else:
         result["value"] = metrics.mean_abs(out, reference)
     return result
+
+
+def evaluate_generation(artifact: Artifact, split) -> dict[str, Any]:
+    """Greedy answers of a text-to-text model (torch, or an ONNX generation export run on
+    ONNX Runtime) against the split's ``target_ids``: exact match of whole answers, and tokens."""
+    if "target_ids" not in split.arrays:
+        raise UserError("data.eval.metric exact_match needs target_ids in the eval data; use synth:records:N or an npz with target_ids")
+    source = np.asarray(split.arrays["input_ids"], dtype=np.int64)
+    mask = np.asarray(split.arrays.get("attention_mask", np.ones_like(source)), dtype=np.int64)
+    target = np.asarray(split.arrays["target_ids"], dtype=np.int64)
+    run, kind, pad = _generator(artifact)
+    rows = []
+    step = 32 if kind == "encdec" else 1  # a decoder-only prompt cannot be padded
+    for start in range(0, len(source), step):
+        src, m = source[start : start + step], mask[start : start + step]
+        width = max(1, int(m.sum(1).max()))
+        new = run(src[:, :width], m[:, :width], target.shape[1])
+        padded = np.full((len(src), target.shape[1]), pad, dtype=np.int64)
+        padded[:, : min(new.shape[1], target.shape[1])] = new[:, : target.shape[1]]
+        rows.append(padded)
+    scores = metrics.exact_match(np.concatenate(rows), target, pad)
+    return {"metric": "exact_match", "samples": len(source), "value": scores["rows"], "token_accuracy": scores["tokens"]}
+
+
+def _generator(artifact: Artifact):
+    """(run(source, mask, max_new) -> new tokens, kind, pad) for a torch model or an ONNX generation export."""
+    if artifact.format == "onnx" and "generation" in artifact.meta:
+        from edgekit.runtimes.generation import OrtGenerator
+
+        meta = artifact.meta["generation"]
+        gen = OrtGenerator.load(artifact.folder, artifact.files, meta)
+        return (lambda src, m, n: gen.generate(src, n, m if meta["kind"] == "encdec" else None)), meta["kind"], int(meta["pad"])
+    if artifact.format == "torch":
+        import torch
+
+        from edgekit.models.encdec import generate
+
+        module = artifact.torch_module().eval()
+        kind = getattr(module, "kind", None)
+        if kind in ("decoder", "encdec"):
+            def run(src, m, n):
+                mask = torch.from_numpy(m) if kind == "encdec" else None
+                return generate(module, torch.from_numpy(src), n, mask).numpy()
+
+            return run, kind, int(module.cfg.pad)
+    raise UserError(f"exact_match evaluates edgekit's text-to-text LMs and their ONNX generation exports, not this {artifact.format} model; use another data.eval.metric")

@@ -22,6 +22,19 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((pred == labels).mean())
 
 
+def exact_match(generated: np.ndarray, target: np.ndarray, pad: int) -> dict[str, float]:
+    """Generated token rows against target rows (both padded with ``pad``): the share of rows
+    whose answer matches exactly, and the share of target tokens matched in place."""
+    generated, target = np.asarray(generated), np.asarray(target)
+    out = np.full_like(target, pad)
+    w = min(target.shape[1], generated.shape[1])
+    out[:, :w] = generated[:, :w]
+    valid = target != pad
+    rows = ((out == target) | ~valid).all(axis=1)
+    tokens = ((out == target) & valid).sum()
+    return {"rows": float(rows.mean()) if len(rows) else float("nan"), "tokens": float(tokens / max(1, valid.sum()))}
+
+
 def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Share of samples where two models pick the same class."""
     a, b = _pair(a, b)

@@ -33,6 +33,7 @@ BUILTIN_PASS_MODULES = (
     "edgekit.compress.prune.vib",
     "edgekit.compress.moe.train_lm",
     "edgekit.compress.moe.finetune",
+    "edgekit.compress.distill.passes",
     "edgekit.compress.tokens.transform",
     "edgekit.compress.tokens.feather",
     "edgekit.export.onnx",

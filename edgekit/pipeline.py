@@ -262,11 +262,40 @@ class Pipeline:
         metrics.update(params=prof["params"], macs=prof["macs"], size_bytes=prof["size_bytes"])
         if self.data is not None and self.data.has_split("eval"):
             metrics["accuracy"] = self._evaluate(artifact)
-        if self.recipe.bench is not None:
+        if self.recipe.bench is not None and "generation" in artifact.meta:
+            metrics["generation"] = self._bench_generation(artifact)
+        elif self.recipe.bench is not None:
             bench = self._bench(artifact)
             if bench:
                 metrics["bench"] = bench
         return metrics
+
+    def _bench_generation(self, artifact: Artifact) -> list[dict[str, Any]]:
+        """A generation export on ONNX Runtime: time to the first token and tokens per second,
+        for 32 new tokens after a source of the recipe's ``seq`` tokens (the first eval or sample row)."""
+        import numpy as np
+
+        from edgekit.runtimes.generation import OrtGenerator, first_token_and_throughput
+
+        b = self.recipe.bench
+        if "onnxruntime" not in b.runtimes or b.device != "local":
+            self.out.log("  [dim]skip generation bench: generation exports are timed on local onnxruntime[/dim]")
+            return []
+        row = self._samples(1)[0]
+        ids = np.asarray(row["input_ids"], dtype=np.int64)[:1]
+        mask = np.asarray(row.get("attention_mask", np.ones_like(ids)), dtype=np.int64)[:1]
+        if artifact.meta["generation"]["kind"] == "decoder":
+            ids, mask = ids[:, : int(mask.sum())], None  # a decoder-only prompt carries no padding
+        rows = []
+        for threads in b.threads:
+            gen = OrtGenerator.load(artifact.folder, artifact.files, artifact.meta["generation"], threads=threads)
+            for batch in b.batch_sizes:
+                self.out.log(f"  generation bench onnxruntime threads={threads} batch={batch}")
+                feeds = np.repeat(ids, batch, axis=0)
+                m = None if mask is None else np.repeat(mask, batch, axis=0)
+                result = first_token_and_throughput(gen, feeds, 32, m, repeats=max(1, min(b.repeats, 10)), warmup=min(b.warmup, 2))
+                rows.append({"runtime": "onnxruntime", "threads": threads, "batch_size": batch, **result})
+        return rows
 
     def _evaluate(self, artifact: Artifact) -> dict[str, Any]:
         from edgekit.evaluate import choose_metric, evaluate, run_outputs

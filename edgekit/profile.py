@@ -36,6 +36,8 @@ def profile_artifact(artifact: Artifact, dims: dict[str, int]) -> dict[str, Any]
     if artifact.format == "torch":
         info = _torch_profile(artifact.torch_module(), artifact.inputs, dims)
         info.pop("outputs", None)
+    elif artifact.format == "onnx" and "generation" in artifact.meta:
+        info = _generation_profile(artifact)
     elif artifact.format == "onnx":
         info = _onnx_profile(_load_onnx(artifact.path("model")), artifact.inputs, dims)
     else:  # formats without a counter yet still get their size
@@ -153,6 +155,28 @@ def _graphs(graph):
 def _is_weight(t) -> bool:
     # Scalars are quantization scales / zero points or constants, not learned weights.
     return t.data_type not in _NON_WEIGHT_TYPES and math.prod(t.dims) > 1
+
+
+def _generation_profile(artifact: Artifact) -> dict[str, Any]:
+    """Parameters and ops of a generation export (encoder / decoder graphs with a KV cache).
+
+    A weight stored in two graphs (the tied embedding) counts once; MACs depend on the
+    generated length, so they are not given here (bench/encdec.py times generation)."""
+    import hashlib
+
+    ops: Counter = Counter()
+    seen: set[tuple[str, str]] = set()
+    params = 0
+    for role in artifact.files:
+        model = _load_onnx(artifact.path(role))
+        for g in _graphs(model.graph):
+            ops.update(n.op_type for n in g.node)
+            for t in g.initializer:
+                key = (t.name, hashlib.sha1(t.raw_data).hexdigest())
+                if _is_weight(t) and key not in seen:
+                    seen.add(key)
+                    params += math.prod(t.dims)
+    return {"params": int(params), "macs": None, "ops": dict(ops.most_common())}
 
 
 def onnx_params(model) -> int:

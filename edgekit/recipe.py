@@ -42,7 +42,7 @@ class ModelSection(Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the zoo or python factory")
     inputs: list[TensorSpec] | None = Field(None, description="input specs; zoo and hf models provide defaults")
     dims: dict[str, int] = Field(default_factory=dict, description="sizes of named dynamic dims, e.g. {batch: 1, seq: 128}")
-    task: Literal["classification", "embedding", "generic"] | None = None
+    task: Literal["classification", "embedding", "generic", "lm", "seq2seq"] | None = None
     trust_python: bool = Field(False, description="must be true for a python: source (it runs your code)")
     hf: HfOptions = Field(default_factory=HfOptions)
 
@@ -83,8 +83,10 @@ class SplitSpec(Strict):
 
 
 class EvalSpec(SplitSpec):
-    metric: Literal["top1", "perplexity", "cosine", "max_abs", "mean_abs"] | None = Field(
-        None, description="top1 needs labels; perplexity is for language models (task lm); the others compare with the source model's outputs"
+    metric: Literal["top1", "perplexity", "exact_match", "cosine", "max_abs", "mean_abs"] | None = Field(
+        None,
+        description="top1 needs labels; perplexity is for language models (task lm); exact_match scores greedy answers of text-to-text models (task seq2seq); "
+        "the others compare with the source model's outputs",
     )
 
 

@@ -76,7 +76,7 @@ def _rate(v: Any) -> str:
 
 
 # Metrics shown as percentages; others are similarities or errors shown as is.
-_PERCENT_METRICS = ("top1", "accuracy", "top1_agreement")
+_PERCENT_METRICS = ("top1", "exact_match", "accuracy", "top1_agreement")
 
 
 def format_metric(metric: str, value: Any) -> str:
@@ -141,6 +141,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "Accuracy is measured on the recipe's eval split; Δ columns compare each step with the source. "
               "Latency and throughput: batch 1 with the fewest threads benchmarked (every measurement is under Benchmarks)."]
     from edgekit.report_blockffn import render_blockffn_section
+    from edgekit.report_encdec import render_encdec_section
     from edgekit.report_fpga import render_fpga_section
     from edgekit.report_prune import render_prune_section
     from edgekit.report_quant import render_quant_section
@@ -150,6 +151,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += render_prune_section(steps)
     lines += render_tokens_section(steps)
     lines += render_blockffn_section(steps)
+    lines += render_encdec_section(steps)
     lines += render_fpga_section(steps)
     lines += render_quant_section(steps)
     lines += _bench_section(steps)

@@ -227,6 +227,10 @@ def _hf_dir(model: ModelSection, resolve) -> Artifact:
 
     if is_vision_folder(path):
         return _hf_vision_dir(model, path)
+    from edgekit.models.hf_causal import is_causal_lm_folder
+
+    if is_causal_lm_folder(path):
+        return _hf_causal_dir(model, path)
     module = _hf_module(path, model.hf.pooling, model.hf.normalize)
     forward_args = set(module.input_names)
     vocab = int(getattr(module.config, "vocab_size", 2) or 2)
@@ -258,6 +262,28 @@ def _hf_vision_dir(model: ModelSection, path: Path) -> Artifact:
         builder={"kind": "hf_vision", "path": str(path)},
         module=module,
         meta={"source": model.source, "dims": {"batch": 1}},
+    )
+
+
+def _hf_causal_dir(model: ModelSection, path: Path) -> Artifact:
+    """A Llama-family causal LM, converted to edgekit's DecoderLM (exports with a KV cache, distils)."""
+    from edgekit.models.encdec import config_dict
+    from edgekit.models.hf_causal import load_folder
+
+    module = load_folder(path)
+    specs = [
+        TensorSpec(name="input_ids", shape=["batch", "seq"], dtype="int64", low=0, high=module.cfg.vocab),
+        TensorSpec(name="attention_mask", shape=["batch", "seq"], dtype="int64", low=1, high=2),
+    ]
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return Artifact(
+        format="torch",
+        inputs=model.inputs or specs,
+        outputs=["logits"],
+        task=model.task or "lm",
+        builder={"kind": "zoo", "name": "decoder_lm", "args": config_dict(module.cfg)},
+        module=module,
+        meta={"source": model.source, "tokenizer_dir": str(path) if has_tokenizer else None, "dims": {"batch": 1, "seq": model.hf.max_length}},
     )
 
 

@@ -75,6 +75,11 @@ class ExportOnnx(Pass):
                 f"a quantized model exports with {where}.exporter: torchscript and opset 13 or higher "
                 "(its layers write integer ops that need per-channel DequantizeLinear); change those settings"
             )
+        if getattr(artifact.torch_module(), "kind", None) in ("decoder", "encdec"):
+            # language models export as generation graphs with a key/value cache
+            from edgekit.export.encdec_onnx import export_generation_artifact
+
+            return export_generation_artifact(artifact, ctx, cfg)
         module = artifact.torch_module().eval()
         specs = artifact.inputs
         batch_dynamic = cfg.dynamic and isinstance(specs[0].shape[0], str)

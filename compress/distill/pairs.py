@@ -1,0 +1,118 @@
+"""Source -> target pairs for text-to-text training, distillation and evaluation.
+
+A split holds ``input_ids`` / ``attention_mask`` (the source, padded at the end)
+and ``target_ids`` (the answer ending in EOS, padded with PAD), as ``synth:records``
+makes them. A decoder-only model reads ``source ++ target``; an encoder-decoder
+encodes the source and its decoder reads ``[BOS] ++ target[:-1]``. Both are scored
+on the same target positions, so their losses and logits line up token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgekit import metrics
+from edgekit.errors import UserError
+
+
+@dataclass
+class Pairs:
+    source: torch.Tensor  # (N, S) int64, padding at the end
+    source_mask: torch.Tensor  # (N, S) 0/1
+    target: torch.Tensor  # (N, T) int64, PAD after EOS
+
+    def __len__(self) -> int:
+        return int(self.source.shape[0])
+
+    def rows(self, index) -> "Pairs":
+        src, mask, tgt = self.source[index], self.source_mask[index], self.target[index]
+        width = max(1, int(mask.sum(-1).max()))  # drop padding columns no row in this batch uses
+        return Pairs(src[:, :width], mask[:, :width], tgt)
+
+
+def pairs_of(ctx, split: str, pass_name: str) -> Pairs:
+    """The ``split`` of the recipe data as :class:`Pairs`, checked."""
+    if ctx.data is None:
+        raise UserError(f"{pass_name} trains on source -> target pairs; add data: {{source: synth:records:4000}} or an npz with input_ids, attention_mask and target_ids")
+    arrays = ctx.data.split(split).arrays
+    missing = [k for k in ("input_ids", "target_ids") if k not in arrays]
+    if missing:
+        raise UserError(
+            f"{pass_name} needs input_ids and target_ids in the {split} data, which lacks {', '.join(missing)}; "
+            "use synth:records:N or an npz with those arrays"
+        )
+    src = np.asarray(arrays["input_ids"], dtype=np.int64)
+    mask = np.asarray(arrays.get("attention_mask", np.ones_like(src)), dtype=np.int64)
+    tgt = np.asarray(arrays["target_ids"], dtype=np.int64)
+    if src.ndim != 2 or tgt.ndim != 2 or mask.shape != src.shape or len(tgt) != len(src):
+        raise UserError(f"{pass_name}: input_ids {list(src.shape)}, attention_mask {list(mask.shape)} and target_ids {list(tgt.shape)} must be (samples, length) with one row per sample")
+    return Pairs(torch.from_numpy(src), torch.from_numpy(mask), torch.from_numpy(tgt))
+
+
+def check_vocab(pairs: Pairs, vocab: int, pass_name: str) -> None:
+    top = int(max(pairs.source.max(), pairs.target.max()))
+    if top >= vocab:
+        raise UserError(f"{pass_name}: the data has token ids up to {top} but the model's vocabulary has {vocab}; tokenize the data for this model")
+
+
+def decoder_only_batch(pairs: Pairs, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``source ++ target`` per row, right-padded, and the index (N, T) of the logit that predicts each target token."""
+    lengths = pairs.source_mask.sum(-1)
+    t = pairs.target.shape[1]
+    width = int(lengths.max()) + t
+    seq = torch.full((len(pairs), width), pad, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        seq[i, :n] = pairs.source[i, :n]
+        seq[i, n : n + t] = pairs.target[i]
+    where = (lengths - 1).unsqueeze(1) + torch.arange(t).unsqueeze(0)
+    return seq, where
+
+
+def decoder_inputs(target: torch.Tensor, bos: int) -> torch.Tensor:
+    """``[BOS] ++ target[:-1]``: what the decoder of an encoder-decoder reads to predict ``target``."""
+    return torch.cat([torch.full_like(target[:, :1], bos), target[:, :-1]], dim=1)
+
+
+def target_logits(model, pairs: Pairs) -> torch.Tensor:
+    """Logits (N, T, vocab) predicting each target token, from either kind of model (teacher forcing)."""
+    cfg = model.cfg
+    if getattr(model, "kind", None) == "encdec":
+        return model(pairs.source, pairs.source_mask, decoder_inputs(pairs.target, cfg.bos))
+    seq, where = decoder_only_batch(pairs, cfg.pad)
+    logits = model(seq)
+    return logits.gather(1, where.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+@torch.no_grad()
+def exact_match(model, pairs: Pairs, max_new_tokens: int | None = None, batch_size: int = 32) -> dict:
+    """Greedy answers against the targets: exact-match accuracy (whole answer) and token accuracy."""
+    from edgekit.models.encdec import generate
+
+    was_training = model.training
+    model.eval()
+    t = pairs.target.shape[1]
+    max_new = max_new_tokens or t
+    correct, tokens_ok, tokens = 0, 0, 0
+    try:
+        for rows in _batches(model, pairs, batch_size):
+            part = pairs.rows(rows)
+            if getattr(model, "kind", None) == "encdec":
+                out = generate(model, part.source, max_new, part.source_mask)
+            else:  # a decoder-only prompt cannot be padded: one row at a time
+                n = int(part.source_mask[0].sum())
+                out = generate(model, part.source[:, :n], max_new)
+            got = metrics.exact_match(out.numpy(), part.target.numpy(), model.cfg.pad)
+            n_tok = int((part.target != model.cfg.pad).sum())
+            correct, tokens_ok, tokens = correct + got["rows"] * len(part), tokens_ok + got["tokens"] * n_tok, tokens + n_tok
+    finally:
+        model.train(was_training)
+    return {"exact_match": round(100.0 * correct / max(1, len(pairs)), 2), "token_accuracy": round(100.0 * tokens_ok / max(1, tokens), 2), "samples": len(pairs)}
+
+
+def _batches(model, pairs: Pairs, batch_size: int):
+    step = batch_size if getattr(model, "kind", None) == "encdec" else 1
+    for start in range(0, len(pairs), step):
+        yield torch.arange(start, min(len(pairs), start + step))
