@@ -78,7 +78,7 @@ def evaluate_generation(artifact: Artifact, split) -> dict[str, Any]:
     """Greedy answers of a text-to-text model (torch, or an ONNX generation export run on
     ONNX Runtime) against the split's ``target_ids``: exact match of whole answers, and tokens."""
     if "target_ids" not in split.arrays:
-        raise UserError("data.eval.metric exact_match needs target_ids in the eval data; use synth:records:N or an npz with target_ids")
+        raise UserError("data.eval.metric exact_match needs target_ids in the eval data; use synth:event_log:N or an npz with target_ids")
     source = np.asarray(split.arrays["input_ids"], dtype=np.int64)
     mask = np.asarray(split.arrays.get("attention_mask", np.ones_like(source)), dtype=np.int64)
     target = np.asarray(split.arrays["target_ids"], dtype=np.int64)

@@ -17,7 +17,7 @@ import numpy as np
 from edgekit.artifact import TensorSpec
 from edgekit.errors import UserError
 
-FAMILIES = ("edgekit.models.shapes_cls", "edgekit.models.shapes_vqa", "edgekit.models.digits_canvas", "edgekit.models.records")
+FAMILIES = ("edgekit.models.shapes_cls", "edgekit.models.shapes_vqa", "edgekit.models.digits_canvas", "edgekit.models.event_log")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from edgekit.artifact import TensorSpec
 from edgekit.errors import UserError
 
-FAMILIES = ("edgekit.models.digits_cnn", "edgekit.models.mobile_cnn", "edgekit.models.codenet", "edgekit.models.tiny_lm", "edgekit.models.vit", "edgekit.models.tiny_vlm", "edgekit.models.encdec", "edgekit.models.records")
+FAMILIES = ("edgekit.models.digits_cnn", "edgekit.models.mobile_cnn", "edgekit.models.codenet", "edgekit.models.tiny_lm", "edgekit.models.vit", "edgekit.models.tiny_vlm", "edgekit.models.encdec", "edgekit.models.event_log")
 
 
 @dataclass

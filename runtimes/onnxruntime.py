@@ -78,6 +78,12 @@ class OnnxRuntime(Runtime):
             so.inter_op_num_threads = 1
         if options.get("allow_spinning") is not None:
             so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options["allow_spinning"] else "0")
+        if "generation" in artifact.meta:  # encoder / decoder graphs with a KV cache: a session that generates
+            from edgekit.runtimes.generation import GenerationSession, OrtGenerator
+
+            gen = OrtGenerator.load(artifact.folder, artifact.files, artifact.meta["generation"], threads=threads)
+            info = {"runtime": self.name, "version": ort.__version__, "threads": threads, "mode": "generation"}
+            return GenerationSession(gen, int(options.get("max_new_tokens", 32)), info)
         providers = options.get("providers") or ["CPUExecutionProvider"]
         path = artifact.path("model")
         try:

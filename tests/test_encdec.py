@@ -22,7 +22,7 @@ from edgekit.models.encdec import (
     init_student_from_teacher,
     student_config,
 )
-from edgekit.models.records import VOCAB_SIZE, decode, records, records_teacher, records_teacher_micro
+from edgekit.models.event_log import EVENTS, MARGIN, VOCAB_SIZE, decode, event_log, event_log_teacher, event_log_teacher_micro
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,7 @@ def _spread(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def _pairs(n: int, seq: int = 64, seed: int = 0) -> Pairs:
-    d = records(n, seed, [], {"seq": seq})
+    d = event_log(n, seed, [], {"seq": seq})
     return Pairs(*(torch.from_numpy(d.arrays[k]) for k in ("input_ids", "attention_mask", "target_ids")))
 
 
@@ -88,7 +88,7 @@ def test_kd_loss_is_zero_kl_when_student_equals_teacher():
 
 
 def test_student_runs_its_encoder_once_per_input():
-    student = _spread(_student(records_teacher_micro()))
+    student = _spread(_student(event_log_teacher_micro()))
     pairs = _pairs(3)
     out = generate(student, pairs.source, 8, pairs.source_mask, stop_at_eos=False)
     assert out.shape == (3, 8)
@@ -97,7 +97,7 @@ def test_student_runs_its_encoder_once_per_input():
 
 @pytest.mark.parametrize("kind", ["decoder", "encdec"])
 def test_cached_generation_equals_uncached(kind):
-    teacher = _spread(records_teacher_micro(), seed=3)
+    teacher = _spread(event_log_teacher_micro(), seed=3)
     model = teacher if kind == "decoder" else _spread(_student(teacher), seed=4)
     pairs = _pairs(4, seed=5)
     for temperature in (0.0, 0.8):
@@ -115,7 +115,7 @@ def test_cached_generation_equals_uncached(kind):
 
 
 def test_encoder_output_ignores_padding_and_centres_positions():
-    student = _spread(_student(records_teacher_micro()))
+    student = _spread(_student(event_log_teacher_micro()))
     pairs = _pairs(1)
     n = int(pairs.source_mask[0].sum())
     ids = pairs.source[:, :n]
@@ -128,7 +128,7 @@ def test_encoder_output_ignores_padding_and_centres_positions():
 
 
 def test_student_matches_teacher_parameters_and_starts_from_it():
-    teacher = records_teacher()
+    teacher = event_log_teacher()
     cfg = student_config(teacher.cfg)
     assert (cfg.enc_layers, cfg.dec_layers) == (4, 2)  # 2/3 of 6 layers in the encoder
     student = EncoderDecoderLM(cfg)
@@ -146,7 +146,7 @@ def test_student_config_refuses_a_size_it_cannot_match():
 
 
 def test_teacher_logits_line_up_with_the_target_tokens():
-    teacher = _spread(records_teacher_micro())
+    teacher = _spread(event_log_teacher_micro())
     pairs = _pairs(3)
     seq, where = decoder_only_batch(pairs, pad=0)
     with torch.no_grad():
@@ -160,13 +160,15 @@ def test_teacher_logits_line_up_with_the_target_tokens():
     torch.testing.assert_close(aligned, full.gather(1, where.unsqueeze(-1).expand(-1, -1, full.shape[-1])))
 
 
-def test_records_answers_are_in_their_documents():
-    d = records(50, 3, [], {"seq": 96})
-    assert d.arrays["input_ids"].shape == (50, 96)
+def test_event_log_answers_are_the_most_frequent_events():
+    d = event_log(50, 3, [], {"seq": 96})
+    assert d.arrays["input_ids"].shape == (50, 96) and d.arrays["target_ids"].shape == (50, 4)
     for src, tgt in zip(d.arrays["input_ids"], d.arrays["target_ids"]):
-        doc, answer = decode(src), decode(tgt)
-        key = doc.rsplit("? ", 1)[1]
-        assert f"{key}: {answer};" in doc
+        words, answer = decode(src).split(), decode(tgt).split()
+        counts = sorted(((words.count(e), e) for e in EVENTS), reverse=True)
+        assert answer == [e for _, e in counts[:3]]
+        assert all(counts[i][0] - counts[i + 1][0] >= MARGIN for i in range(3))  # never a tie
+        assert 32 <= len(words) <= 94
     assert d.arrays["input_ids"].max() < VOCAB_SIZE
 
 
@@ -178,7 +180,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path):
 
     def train(checkpoint, fail_at=None):
         torch.manual_seed(0)
-        model = records_teacher_micro()
+        model = event_log_teacher_micro()
         calls = {"n": 0}
 
         def loss_fn(batch):
@@ -247,10 +249,10 @@ def test_unsupported_hf_architecture_is_named(tmp_path):
 # -- the passes, end to end ----------------------------------------------------------
 
 MICRO = """
-name: records-micro
-model: {source: zoo:records_teacher_micro}
+name: event-log-micro
+model: {source: zoo:event_log_teacher_micro}
 data:
-  source: synth:records:400
+  source: synth:event_log:400
   holdout: 0.1
 compress:
   - train.seq2seq: {steps: 40, batch_size: 16, eval_every: 20, eval_samples: 16}
@@ -283,6 +285,16 @@ def test_recipe_trains_distils_exports_and_reports(tmp_path):
     assert export["accuracy"]["value"] == steps["02-distill.encdec"]["metrics"]["accuracy"]["value"]
     gen = export["generation"][0]
     assert gen["new_tokens"] == 32 and gen["tokens_per_s"] > 0 and gen["first_token_ms"] > 0
+    # the ONNX Runtime adapter serves the export as a session that generates
+    from edgekit.artifact import Artifact
+    from edgekit.runtimes import load_session
+
+    art = Artifact.load(run / "steps" / "03-export.onnx" / "artifact")
+    student = Artifact.load(run / "steps" / "02-distill.encdec" / "artifact").torch_module()
+    pairs = _pairs(2)
+    out = load_session(art).run({"input_ids": pairs.source.numpy(), "attention_mask": pairs.source_mask.numpy()})[0]
+    want = generate(student, pairs.source, 32, pairs.source_mask).numpy()
+    assert np.array_equal(out, want)
     md = (run / "report.md").read_text()
     assert "## Encoder-decoder distillation" in md and "## Generation (ONNX Runtime, KV cache)" in md
 
@@ -292,7 +304,7 @@ def test_hf_teacher_distils_through_a_recipe(tmp_path):
     run = compress_recipe(tmp_path, f"""
 name: hf-teacher
 model: {{source: "hf:{folder}", task: seq2seq, dims: {{seq: 64}}}}
-data: {{source: "synth:records:64", holdout: 0.25}}
+data: {{source: "synth:event_log:64", holdout: 0.25}}
 compress:
   - distill.encdec: {{steps: 3, batch_size: 8, eval_samples: 4, eval_every: 0}}
 report: {{formats: [json]}}
@@ -302,7 +314,8 @@ report: {{formats: [json]}}
     assert distill["teacher_layers"] == 3 and (distill["encoder_layers"], distill["decoder_layers"]) == (2, 1)
 
 
-def test_distill_refuses_a_model_that_is_not_a_text_lm(tmp_path, capsys):
+def test_distill_refuses_a_model_that_is_not_a_text_lm(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     recipe = write_recipe(tmp_path, """
 name: wrong-model
 model: {source: zoo:digits_cnn_tiny}
@@ -315,10 +328,11 @@ compress:
     assert "distill.encdec works on edgekit's text-to-text LMs" in err and "Traceback" not in err
 
 
-def test_seq2seq_training_needs_target_ids(tmp_path, capsys):
+def test_seq2seq_training_needs_target_ids(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     recipe = write_recipe(tmp_path, """
 name: no-targets
-model: {source: zoo:records_teacher_micro}
+model: {source: zoo:event_log_teacher_micro}
 data: {source: "synth:shapes_cls:20"}
 compress:
   - train.seq2seq: {steps: 2}
@@ -328,9 +342,9 @@ compress:
     assert "Traceback" not in err and ("target_ids" in err or "makes" in err)
 
 
-def test_records_rejects_a_sequence_too_short():
+def test_event_log_rejects_a_sequence_too_short():
     with pytest.raises(UserError, match="model.dims.seq of at least"):
-        records(4, 0, [], {"seq": 20})
+        event_log(4, 0, [], {"seq": 12})
 
 
 def test_exact_match_metric_counts_whole_answers():

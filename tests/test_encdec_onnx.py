@@ -10,7 +10,7 @@ from edgekit.artifact import Artifact, TensorSpec
 from edgekit.errors import StepFailed, UserError
 from edgekit.export.encdec_onnx import export_generation, generation_meta
 from edgekit.models.encdec import EOS, PAD, EncoderDecoderLM, generate, student_config
-from edgekit.models.records import VOCAB_SIZE, records_teacher_micro
+from edgekit.models.event_log import VOCAB_SIZE, event_log_teacher_micro
 from edgekit.runtimes.generation import OrtGenerator, first_token_and_throughput, pick
 
 
@@ -35,12 +35,12 @@ def _scrambled(model, seed: int):
 
 def _decoder():
     torch.manual_seed(0)
-    return _scrambled(records_teacher_micro(), 0)
+    return _scrambled(event_log_teacher_micro(), 0)
 
 
 def _encdec():
     torch.manual_seed(1)
-    return _scrambled(EncoderDecoderLM(student_config(records_teacher_micro().cfg)), 1)
+    return _scrambled(EncoderDecoderLM(student_config(event_log_teacher_micro().cfg)), 1)
 
 
 def _exported(tmp_path_factory, model, name: str):
@@ -207,13 +207,13 @@ _SPECS = [
 
 
 class _RecordsData:
-    """The part of RecipeData the export reads: an eval split of padded records sources."""
+    """The part of RecipeData the export reads: an eval split of padded event_log sources."""
 
     def __init__(self, n: int):
         from edgekit.data import Split
-        from edgekit.models.records import records
+        from edgekit.models.event_log import event_log
 
-        self.eval = Split("eval", records(n, seed=0, inputs=list(_SPECS), dims={}).arrays)
+        self.eval = Split("eval", event_log(n, seed=0, inputs=list(_SPECS), dims={"seq": 64}).arrays)
 
     def has_split(self, name: str) -> bool:
         return name == "eval"

@@ -1,7 +1,7 @@
 """Source -> target pairs for text-to-text training, distillation and evaluation.
 
 A split holds ``input_ids`` / ``attention_mask`` (the source, padded at the end)
-and ``target_ids`` (the answer ending in EOS, padded with PAD), as ``synth:records``
+and ``target_ids`` (the answer ending in EOS, padded with PAD), as ``synth:event_log``
 makes them. A decoder-only model reads ``source ++ target``; an encoder-decoder
 encodes the source and its decoder reads ``[BOS] ++ target[:-1]``. Both are scored
 on the same target positions, so their losses and logits line up token for token.
@@ -36,13 +36,13 @@ class Pairs:
 def pairs_of(ctx, split: str, pass_name: str) -> Pairs:
     """The ``split`` of the recipe data as :class:`Pairs`, checked."""
     if ctx.data is None:
-        raise UserError(f"{pass_name} trains on source -> target pairs; add data: {{source: synth:records:4000}} or an npz with input_ids, attention_mask and target_ids")
+        raise UserError(f"{pass_name} trains on source -> target pairs; add data: {{source: synth:event_log:4000}} or an npz with input_ids, attention_mask and target_ids")
     arrays = ctx.data.split(split).arrays
     missing = [k for k in ("input_ids", "target_ids") if k not in arrays]
     if missing:
         raise UserError(
             f"{pass_name} needs input_ids and target_ids in the {split} data, which lacks {', '.join(missing)}; "
-            "use synth:records:N or an npz with those arrays"
+            "use synth:event_log:N or an npz with those arrays"
         )
     src = np.asarray(arrays["input_ids"], dtype=np.int64)
     mask = np.asarray(arrays.get("attention_mask", np.ones_like(src)), dtype=np.int64)

@@ -43,7 +43,7 @@ class DistillEncDecConfig(_TrainSettings):
 
 
 class TrainSeq2Seq(Pass):
-    """Train a decoder-only or encoder-decoder LM (e.g. zoo:records_teacher) on source -> target pairs; loss on the target only."""
+    """Train a decoder-only or encoder-decoder LM (e.g. zoo:event_log_teacher) on source -> target pairs; loss on the target only."""
 
     name = "train.seq2seq"
     kind = "compress"
@@ -137,7 +137,7 @@ def _text_model(artifact: Artifact, pass_name: str):
     model = artifact.torch_module()
     if getattr(model, "kind", None) not in ("decoder", "encdec") or not hasattr(model, "cfg"):
         raise UserError(
-            f"{pass_name} works on edgekit's text-to-text LMs (zoo:records_teacher, decoder_lm, encdec_lm, or an hf: Llama/Qwen2/Mistral causal LM), "
+            f"{pass_name} works on edgekit's text-to-text LMs (zoo:event_log_teacher, decoder_lm, encdec_lm, or an hf: Llama/Qwen2/Mistral causal LM), "
             f"not {type(model).__name__}; pick one of those as model.source"
         )
     return model
