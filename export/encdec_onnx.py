@@ -62,14 +62,14 @@ def _flat(pairs) -> tuple[torch.Tensor, ...]:
 
 
 class _DecoderOnlyStep(nn.Module):
-    """DecoderLM.step: (input_ids, *past) -> (logits, *present)."""
+    """DecoderLM.step: (input_ids, *past) -> (last position's logits, *present)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, cache = self.model.step(input_ids, _pairs(past))
+        logits, cache = self.model.step(input_ids, _pairs(past), last_only=True)
         return (logits, *_flat(cache))
 
 
@@ -85,7 +85,7 @@ class _Encoder(nn.Module):
 
 
 class _DecoderStep(nn.Module):
-    """EncoderDecoderLM.decode_step: (decoder_input_ids, attention_mask, *cross, *past) -> (logits, *present)."""
+    """EncoderDecoderLM.decode_step: (decoder_input_ids, attention_mask, *cross, *past) -> (last position's logits, *present)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -94,7 +94,7 @@ class _DecoderStep(nn.Module):
 
     def forward(self, decoder_input_ids: torch.Tensor, attention_mask: torch.Tensor, *kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cross, past = _pairs(kv[: self.n]), _pairs(kv[self.n :])
-        logits, cache = self.model.decode_step(decoder_input_ids, cross, attention_mask, past)
+        logits, cache = self.model.decode_step(decoder_input_ids, cross, attention_mask, past, last_only=True)
         return (logits, *_flat(cache))
 
 
@@ -124,7 +124,7 @@ def _graphs(module: nn.Module) -> dict[str, _Graph]:
         return tuple(torch.randn(TRACE_BATCH, cfg.kv_heads, length, cfg.hd, generator=gen) for _ in past_names)
 
     kv_axes = {n: {0: "batch", 2: "past"} for n in past_names} | {n: {0: "batch", 2: "total"} for n in present_names}
-    step_axes = {"logits": {0: "batch", 1: "tokens"}, **kv_axes}
+    step_axes = {"logits": {0: "batch"}, **kv_axes}  # logits of the last position only: (batch, 1, vocab)
     step_outputs = ["logits", *present_names]
     if module.kind == "decoder":
         return {"decoder": _Graph(

@@ -216,8 +216,9 @@ class DecoderLM(_Embedded):
         """Logits; padding at the end of a row (``attention_mask`` 0) does not affect the tokens before it."""
         return self.step(input_ids)[0]
 
-    def step(self, input_ids: torch.Tensor, past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
-        """Logits for ``input_ids (batch, t)`` following the cached ``past``, and the extended cache."""
+    def step(self, input_ids: torch.Tensor, past: list[KV] | None = None, last_only: bool = False) -> tuple[torch.Tensor, list[KV]]:
+        """Logits for ``input_ids (batch, t)`` following the cached ``past`` (only the last position's
+        with ``last_only``: generation needs no more, and a prompt's other logits cost t x vocab), and the extended cache."""
         start = 0 if past is None else past[0][0].shape[2]
         t = input_ids.shape[1]
         positions = (torch.arange(t) + start).unsqueeze(0).expand(input_ids.shape[0], t)
@@ -228,7 +229,7 @@ class DecoderLM(_Embedded):
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, rope, allowed, None if past is None else past[i])
             cache.append(kv)
-        return self._logits(x), cache
+        return self._logits(x[:, -1:] if last_only else x), cache
 
 
 def centred_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -278,8 +279,10 @@ class EncoderDecoderLM(_Embedded):
         cross: list[KV],
         attention_mask: torch.Tensor | None = None,
         past: list[KV] | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, list[KV]]:
-        """Logits for ``decoder_ids (batch, t)`` following the cached ``past``, and the extended cache."""
+        """Logits for ``decoder_ids (batch, t)`` following the cached ``past`` (only the last position's
+        with ``last_only``), and the extended cache."""
         start = 0 if past is None else past[0][0].shape[2]
         b, t = decoder_ids.shape
         positions = (torch.arange(t) + start).unsqueeze(0).expand(b, t)
@@ -291,7 +294,7 @@ class EncoderDecoderLM(_Embedded):
         for i, layer in enumerate(self.decoder):
             x, kv = layer(x, rope, allowed, None if past is None else past[i], cross[i], cross_allowed)
             cache.append(kv)
-        return self._logits(x), cache
+        return self._logits(x[:, -1:] if last_only else x), cache
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder logits for ``decoder_input_ids`` (default: just [BOS], the first generation step)."""
@@ -338,7 +341,7 @@ def generate(
             if not use_cache:
                 return model.decode_step(seq, cross, attention_mask)[0][:, -1], None
             feed = seq if past is None else seq[:, -1:]
-            logits, past = model.decode_step(feed, cross, attention_mask, past)
+            logits, past = model.decode_step(feed, cross, attention_mask, past, last_only=True)
             return logits[:, -1], past
 
         seq = torch.full((b, 1), cfg.bos, dtype=torch.long)
@@ -350,7 +353,7 @@ def generate(
             if not use_cache:
                 return model.step(seq)[0][:, -1], None
             feed = seq if past is None else seq[:, -1:]
-            logits, past = model.step(feed, past)
+            logits, past = model.step(feed, past, last_only=True)
             return logits[:, -1], past
 
         seq = input_ids

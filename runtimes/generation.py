@@ -10,7 +10,7 @@ torch.
 Graph contract (names shared with the exporter through :func:`kv_names`):
 
 - decoder-only ``decoder``: ``input_ids, past_key_i, past_value_i`` ->
-  ``logits, present_key_i, present_value_i``; prefill is the same graph with
+  ``logits`` (the last position only), ``present_key_i, present_value_i``; prefill is the same graph with
   zero-length past tensors.
 - encoder-decoder ``encoder``: ``input_ids, attention_mask`` -> ``cross_key_i,
   cross_value_i`` (run once per input); ``decoder``: ``decoder_input_ids,
