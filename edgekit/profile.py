@@ -557,7 +557,9 @@ def _inspect_artifact(folder: Path) -> dict[str, Any]:
         folder = folder / "artifact"  # a step folder: look inside
     artifact = Artifact.load(folder)  # UserError if not an artifact folder
     dims = dict(artifact.meta.get("dims", {}))
-    if artifact.format == "onnx":
+    if artifact.format == "onnx" and "generation" in artifact.meta:
+        result = _inspect_generation(folder, artifact, dims)
+    elif artifact.format == "onnx":
         result = _inspect_onnx(artifact.path("model"), artifact.inputs, dims)
     elif artifact.format == "torch":
         result = _torch_info(str(folder), artifact.torch_module(), artifact.inputs, dims, artifact.size_bytes())
@@ -567,6 +569,22 @@ def _inspect_artifact(folder: Path) -> dict[str, Any]:
     if artifact.meta.get("tokens"):  # the compression pass's measurement, with the dense model beside it
         result["tokens"] = artifact.meta["tokens"]
     return result
+
+
+def _inspect_generation(folder: Path, artifact: Artifact, dims: dict[str, int]) -> dict[str, Any]:
+    """A generation export: every graph's inputs and outputs (named ``role.name``), the weights counted once."""
+    graphs = {role: _inspect_onnx(artifact.path(role), [], dims) for role in artifact.files}
+    first = next(iter(graphs.values()))
+    return {
+        **first,
+        **_generation_profile(artifact),
+        "target": str(folder),
+        "inputs": [{**t, "name": f"{role}.{t['name']}"} for role, g in graphs.items() for t in g["inputs"]],
+        "outputs": [{**t, "name": f"{role}.{t['name']}"} for role, g in graphs.items() for t in g["outputs"]],
+        "size_bytes": artifact.size_bytes(),
+        "runtime_ops": None,
+        "generation": artifact.meta["generation"],
+    }
 
 
 def format_inspect(info: dict[str, Any]):

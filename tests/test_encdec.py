@@ -295,6 +295,13 @@ def test_recipe_trains_distils_exports_and_reports(tmp_path):
     out = load_session(art).run({"input_ids": pairs.source.numpy(), "attention_mask": pairs.source_mask.numpy()})[0]
     want = generate(student, pairs.source, 32, pairs.source_mask).numpy()
     assert np.array_equal(out, want)
+    # inspect lists both graphs' inputs and outputs
+    from edgekit.profile import inspect_target
+
+    info = inspect_target(str(run / "steps" / "03-export.onnx"), {})
+    names = {t["name"] for t in info["inputs"]}
+    assert {"encoder.input_ids", "decoder.decoder_input_ids", "decoder.past_key_0", "decoder.cross_key_0"} <= names
+    assert info["params"] >= distill["student_params"]
     md = (run / "report.md").read_text()
     assert "## Encoder-decoder distillation" in md and "## Generation (ONNX Runtime, KV cache)" in md
 
