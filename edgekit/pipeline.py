@@ -272,7 +272,7 @@ class Pipeline:
 
     def _bench_generation(self, artifact: Artifact) -> list[dict[str, Any]]:
         """A generation export on ONNX Runtime: time to the first token and tokens per second,
-        for 32 new tokens after a source of the recipe's ``seq`` tokens (the first eval or sample row)."""
+        for 32 new tokens after the first eval (or sample) row's source, its padding cut off."""
         import numpy as np
 
         from edgekit.runtimes.generation import OrtGenerator, first_token_and_throughput
@@ -284,8 +284,8 @@ class Pipeline:
         row = self._samples(1)[0]
         ids = np.asarray(row["input_ids"], dtype=np.int64)[:1]
         mask = np.asarray(row.get("attention_mask", np.ones_like(ids)), dtype=np.int64)[:1]
-        if artifact.meta["generation"]["kind"] == "decoder":
-            ids, mask = ids[:, : int(mask.sum())], None  # a decoder-only prompt carries no padding
+        n = max(1, int(mask.sum()))  # both kinds read the same unpadded source
+        ids, mask = ids[:, :n], (mask[:, :n] if artifact.meta["generation"]["kind"] == "encdec" else None)
         rows = []
         for threads in b.threads:
             gen = OrtGenerator.load(artifact.folder, artifact.files, artifact.meta["generation"], threads=threads)

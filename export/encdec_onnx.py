@@ -188,7 +188,8 @@ def _export_graph(g: _Graph, path: Path, opset: int, where: str, custom: dict[st
             )
         except Exception as e:
             # not export.onnx's usual hint: the dynamo exporter is no alternative here
-            raise StepFailed(f"ONNX export of {g.file} failed ({type(e).__name__}: {short_reason(e)}); set {where}.opset to 11 or higher") from None
+            fix = f"set {where}.opset to 11 or higher" if opset < 11 else "the model's step functions do not trace; report it with this message"
+            raise StepFailed(f"ONNX export of {g.file} failed ({type(e).__name__}: {short_reason(e)}); {fix}") from None
     for w in caught:
         if issubclass(w.category, torch.jit.TracerWarning):
             warnings.warn(f"{g.file}: {w.message}", torch.jit.TracerWarning, stacklevel=3)
@@ -282,7 +283,7 @@ def _torch_first_logits(module: nn.Module, ids: np.ndarray, mask: np.ndarray | N
     if module.kind == "decoder":
         return module.step(x)[0][:, -1].numpy()
     start = torch.full((len(ids), 1), module.cfg.bos, dtype=torch.long)
-    return module(x, start, None if mask is None else torch.from_numpy(mask))[:, -1].numpy()
+    return module(x, attention_mask=None if mask is None else torch.from_numpy(mask), decoder_input_ids=start)[:, -1].numpy()
 
 
 def _verify_source(artifact: Artifact, ctx, module: nn.Module, n: int) -> tuple[np.ndarray, np.ndarray, str]:

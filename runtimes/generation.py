@@ -68,6 +68,9 @@ class OrtGenerator:
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
+        # sessions take turns (encoder, then decoder steps); a pool left spinning after its turn
+        # would take the cores from the next one, so worker threads sleep when idle
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions = {role: _open(ort, Path(folder) / files[role], so) for role in ROLES.get(kind, ())}
         return cls(sessions, meta)
 
