@@ -172,6 +172,20 @@ def test_event_log_answers_are_the_most_frequent_events():
     assert d.arrays["input_ids"].max() < VOCAB_SIZE
 
 
+def test_teacher_targets_are_its_greedy_answers():
+    from edgekit.compress.distill.pairs import teacher_targets
+
+    teacher = _spread(event_log_teacher_micro(), seed=2)
+    pairs = _pairs(7, seed=4)
+    produced = teacher_targets(teacher, pairs, batch_size=2)
+    assert produced.shape == pairs.target.shape
+    for i in range(len(pairs)):
+        n = int(pairs.source_mask[i].sum())
+        alone = generate(teacher, pairs.source[i : i + 1, :n], pairs.target.shape[1])[0]
+        assert torch.equal(produced[i, : len(alone)], alone)
+        assert bool((produced[i, len(alone) :] == 0).all())
+
+
 # -- the training loop -----------------------------------------------------------
 
 
@@ -314,12 +328,13 @@ name: hf-teacher
 model: {{source: "hf:{folder}", task: seq2seq, dims: {{seq: 64}}}}
 data: {{source: "synth:event_log:64", holdout: 0.25}}
 compress:
-  - distill.encdec: {{steps: 3, batch_size: 8, eval_samples: 4, eval_every: 0}}
+  - distill.encdec: {{steps: 3, batch_size: 8, eval_samples: 4, eval_every: 0, targets: teacher}}
 report: {{formats: [json]}}
 """)
     report = json.loads((run / "report.json").read_text())
     distill = report["steps"][-1]["metrics"]["distill"]
     assert distill["teacher_layers"] == 3 and (distill["encoder_layers"], distill["decoder_layers"]) == (2, 1)
+    assert distill["targets"] == "teacher" and 0.0 <= distill["teacher_targets_match_data"] <= 1.0
 
 
 def test_distill_refuses_a_model_that_is_not_a_text_lm(tmp_path, capsys, monkeypatch):

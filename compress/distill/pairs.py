@@ -116,3 +116,22 @@ def _batches(model, pairs: Pairs, batch_size: int):
     step = batch_size if getattr(model, "kind", None) == "encdec" else 1
     for start in range(0, len(pairs), step):
         yield torch.arange(start, min(len(pairs), start + step))
+
+
+@torch.no_grad()
+def teacher_targets(model, pairs: Pairs, batch_size: int = 64) -> torch.Tensor:
+    """The model's own greedy answers to every source, shaped like ``pairs.target`` (PAD after EOS):
+    the targets of sequence-level distillation. Rows of one source length generate together,
+    since a decoder-only prompt cannot be padded."""
+    from edgekit.models.encdec import generate
+
+    width, pad = pairs.target.shape[1], model.cfg.pad
+    out = torch.full_like(pairs.target, pad)
+    lengths = pairs.source_mask.sum(-1)
+    for n in lengths.unique().tolist():
+        rows = torch.nonzero(lengths == n).flatten()
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start : start + batch_size]
+            new = generate(model, pairs.source[idx, :n], width)
+            out[idx, : new.shape[1]] = new
+    return out

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field
 
 from edgekit.artifact import Artifact
@@ -37,7 +39,10 @@ class DistillEncDecConfig(_TrainSettings):
     encoder_layers: int | None = Field(None, ge=1, description="student encoder depth (default: 2/3 of the teacher's layers)")
     decoder_layers: int | None = Field(None, ge=1, description="student decoder depth (default: the rest of the teacher's layers)")
     match_params: bool = Field(True, description="narrow the student's FFN so it has no more parameters than the teacher")
-    init: str = Field("teacher", pattern="^(teacher|random)$", description="start the student from the teacher's weights (teacher) or from scratch (random)")
+    init: Literal["teacher", "random"] = Field("teacher", description="start the student from the teacher's weights (teacher) or from scratch (random)")
+    targets: Literal["data", "teacher"] = Field(
+        "data", description="y to distil on: the data's target_ids, or the teacher's own greedy answers to the train sources (sequence-level KD; no labels needed)"
+    )
     alpha: float = Field(0.9, ge=0, le=1, description="weight of KL(teacher || student); 1 - alpha weighs cross-entropy to the gold target")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL term (scaled by T^2)")
 
@@ -92,6 +97,14 @@ class DistillEncDec(Pass):
         teacher.eval()
         pairs = pairs_of(ctx, "train", self.name)
         check_vocab(pairs, teacher.cfg.vocab, self.name)
+        agreement = None
+        if cfg.targets == "teacher":
+            from .pairs import Pairs, teacher_targets
+
+            ctx.log(f"  generating the teacher's answers to {len(pairs)} train sources")
+            produced = teacher_targets(teacher, pairs)
+            agreement = float((produced == pairs.target).all(-1).float().mean())
+            pairs = Pairs(pairs.source, pairs.source_mask, produced)
         student_cfg = student_config(teacher.cfg, cfg.encoder_layers, cfg.decoder_layers, cfg.match_params)
         with torch.random.fork_rng():
             torch.manual_seed(ctx.seed)
@@ -124,6 +137,8 @@ class DistillEncDec(Pass):
             "alpha": cfg.alpha,
             "temperature": cfg.temperature,
             "init": cfg.init,
+            "targets": cfg.targets,
+            **({"teacher_targets_match_data": round(agreement, 4)} if agreement is not None else {}),
             **metrics,
         }
         return artifact.derive(
