@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from edgekit.artifact import Artifact
+from edgekit.compress import weights_cache
 from edgekit.errors import UserError
 from edgekit.passes import Pass, PassConfig, PassContext
 
@@ -50,15 +51,10 @@ class TrainSupervised(Pass):
         if split.labels is None:
             raise UserError("train.supervised needs labels, but the train data has none; use a labelled source (sklearn:digits, images:DIR, npz with 'labels')")
         module = copy.deepcopy(artifact.torch_module())
-        cache_file = ctx.cache_dir / "weights" / f"{ctx.key}.pt" if (cfg.cache and ctx.cache_dir and ctx.key) else None
-        if cache_file is not None and cache_file.is_file():
-            try:
-                module.load_state_dict(torch.load(cache_file, map_location="cpu", weights_only=True))
-            except Exception as e:  # a damaged or stale cache entry: train again instead of failing
-                ctx.log(f"train.supervised: ignoring cached weights {cache_file.name} ({type(e).__name__}); training again")
-            else:
-                ctx.metrics["train"] = {"cached": True, "weights": str(cache_file)}
-                return artifact.derive(module=module.eval())
+        cache_file = weights_cache.cache_file(ctx, cfg.cache)
+        if weights_cache.load_cached(module, cache_file, ctx, self.name):
+            ctx.metrics["train"] = {"cached": True, "weights": str(cache_file)}
+            return artifact.derive(module=module.eval())
 
         started = time.perf_counter()
         torch.manual_seed(ctx.seed)
@@ -97,11 +93,7 @@ class TrainSupervised(Pass):
                 correct += int((logits.argmax(1) == y[idx]).sum())
             loss_value = total / n
         module.eval()
-        if cache_file is not None:
-            from edgekit.fsio import atomic_path
-
-            with atomic_path(cache_file) as tmp:
-                torch.save(module.state_dict(), tmp)
+        weights_cache.save_cached(module, cache_file)
         ctx.metrics["train"] = {
             "cached": False,
             "epochs": cfg.epochs,

@@ -13,6 +13,7 @@ import copy
 from pydantic import Field
 
 from edgekit.artifact import Artifact
+from edgekit.compress import weights_cache
 from edgekit.errors import UserError
 from edgekit.passes import Pass, PassConfig, PassContext
 
@@ -45,8 +46,6 @@ class TrainCenterNet(Pass):
     accepts = ("torch",)
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
-        import torch
-
         from edgekit.models.centernet import evaluate_ap50, train_detector
         from edgekit.models.shapes_detection import make_dataset
 
@@ -55,19 +54,14 @@ class TrainCenterNet(Pass):
         module = copy.deepcopy(artifact.torch_module())
         _check_outputs(module, size)
         eval_set = make_dataset(cfg.eval_images, ctx.seed + EVAL_SEED_OFFSET, size) if cfg.eval_images else None
-        cache_file = ctx.cache_dir / "weights" / f"{ctx.key}.pt" if (cfg.cache and ctx.cache_dir and ctx.key) else None
-        if cache_file is not None and cache_file.is_file():
-            module.load_state_dict(torch.load(cache_file, map_location="cpu", weights_only=True))
+        cache_file = weights_cache.cache_file(ctx, cfg.cache)
+        if weights_cache.load_cached(module, cache_file, ctx, self.name):
             ctx.metrics["train"] = {"cached": True, "weights": str(cache_file)}
         else:
             ctx.log(f"  generating {cfg.images} training scenes at {size}x{size}")
             train_set = make_dataset(cfg.images, ctx.seed, size)
             log = train_detector(module, train_set, cfg.steps, cfg.batch_size, cfg.lr, ctx.seed, on_step=_progress(ctx, cfg.steps))
-            if cache_file is not None:
-                from edgekit.fsio import atomic_path
-
-                with atomic_path(cache_file) as tmp:
-                    torch.save(module.state_dict(), tmp)
+            weights_cache.save_cached(module, cache_file)
             tail = max(1, cfg.steps // 10)
             ctx.metrics["train"] = {
                 "cached": False,

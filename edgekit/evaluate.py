@@ -82,9 +82,16 @@ def evaluate_generation(artifact: Artifact, split) -> dict[str, Any]:
     source = np.asarray(split.arrays["input_ids"], dtype=np.int64)
     mask = np.asarray(split.arrays.get("attention_mask", np.ones_like(source)), dtype=np.int64)
     target = np.asarray(split.arrays["target_ids"], dtype=np.int64)
-    run, kind, pad = _generator(artifact)
+    scores = score_generation(*_generator(artifact), source, mask, target)
+    return {"metric": "exact_match", "samples": len(source), "value": scores["rows"], "token_accuracy": scores["tokens"]}
+
+
+def score_generation(run, kind: str, pad: int, source: np.ndarray, mask: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Greedy answers from ``run(source, mask, max_new) -> new tokens`` scored against ``target``
+    (:func:`metrics.exact_match`). An encoder-decoder answers 32 rows at a time; a decoder-only
+    model one row at a time, since its prompt cannot be padded."""
     rows = []
-    step = 32 if kind == "encdec" else 1  # a decoder-only prompt cannot be padded
+    step = 32 if kind == "encdec" else 1
     for start in range(0, len(source), step):
         src, m = source[start : start + step], mask[start : start + step]
         width = max(1, int(m.sum(1).max()))
@@ -92,8 +99,20 @@ def evaluate_generation(artifact: Artifact, split) -> dict[str, Any]:
         padded = np.full((len(src), target.shape[1]), pad, dtype=np.int64)
         padded[:, : min(new.shape[1], target.shape[1])] = new[:, : target.shape[1]]
         rows.append(padded)
-    scores = metrics.exact_match(np.concatenate(rows), target, pad)
-    return {"metric": "exact_match", "samples": len(source), "value": scores["rows"], "token_accuracy": scores["tokens"]}
+    return metrics.exact_match(np.concatenate(rows), target, pad)
+
+
+def torch_generator(module):
+    """(run, kind, pad) of :func:`score_generation` for one of edgekit's torch LMs."""
+    import torch
+
+    from edgekit.models.encdec import generate
+
+    def run(src, m, n):
+        mask = torch.from_numpy(m) if module.kind == "encdec" else None
+        return generate(module, torch.from_numpy(src), n, mask).numpy()
+
+    return run, module.kind, int(module.cfg.pad)
 
 
 def _generator(artifact: Artifact):
@@ -105,16 +124,7 @@ def _generator(artifact: Artifact):
         gen = OrtGenerator.load(artifact.folder, artifact.files, meta)
         return (lambda src, m, n: gen.generate(src, n, m if meta["kind"] == "encdec" else None)), meta["kind"], int(meta["pad"])
     if artifact.format == "torch":
-        import torch
-
-        from edgekit.models.encdec import generate
-
         module = artifact.torch_module().eval()
-        kind = getattr(module, "kind", None)
-        if kind in ("decoder", "encdec"):
-            def run(src, m, n):
-                mask = torch.from_numpy(m) if kind == "encdec" else None
-                return generate(module, torch.from_numpy(src), n, mask).numpy()
-
-            return run, kind, int(module.cfg.pad)
+        if getattr(module, "kind", None) in ("decoder", "encdec"):
+            return torch_generator(module)
     raise UserError(f"exact_match evaluates edgekit's text-to-text LMs and their ONNX generation exports, not this {artifact.format} model; use another data.eval.metric")

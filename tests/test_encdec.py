@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import compress_recipe, run_cli, write_recipe
+from tests.conftest import compress_recipe, run_cli, scrambled_weights, write_recipe
 from edgekit.compress.distill.kd import kd_loss
 from edgekit.compress.distill.loop import fit
 from edgekit.compress.distill.pairs import Pairs, decoder_only_batch, target_logits
@@ -25,22 +25,7 @@ from edgekit.models.encdec import (
 from edgekit.models.event_log import EVENTS, MARGIN, VOCAB_SIZE, decode, event_log, event_log_teacher, event_log_teacher_micro
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _spread(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Larger random weights, so greedy decoding does not repeat one token (a weak test)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pairs(n: int, seq: int = 64, seed: int = 0) -> Pairs:
@@ -88,7 +73,7 @@ def test_kd_loss_is_zero_kl_when_student_equals_teacher():
 
 
 def test_student_runs_its_encoder_once_per_input():
-    student = _spread(_student(event_log_teacher_micro()))
+    student = scrambled_weights(_student(event_log_teacher_micro()), 0)
     pairs = _pairs(3)
     out = generate(student, pairs.source, 8, pairs.source_mask, stop_at_eos=False)
     assert out.shape == (3, 8)
@@ -97,8 +82,8 @@ def test_student_runs_its_encoder_once_per_input():
 
 @pytest.mark.parametrize("kind", ["decoder", "encdec"])
 def test_cached_generation_equals_uncached(kind):
-    teacher = _spread(event_log_teacher_micro(), seed=3)
-    model = teacher if kind == "decoder" else _spread(_student(teacher), seed=4)
+    teacher = scrambled_weights(event_log_teacher_micro(), 3)
+    model = teacher if kind == "decoder" else scrambled_weights(_student(teacher), 4)
     pairs = _pairs(4, seed=5)
     for temperature in (0.0, 0.8):
         if kind == "decoder":
@@ -115,7 +100,7 @@ def test_cached_generation_equals_uncached(kind):
 
 
 def test_encoder_output_ignores_padding_and_centres_positions():
-    student = _spread(_student(event_log_teacher_micro()))
+    student = scrambled_weights(_student(event_log_teacher_micro()), 0)
     pairs = _pairs(1)
     n = int(pairs.source_mask[0].sum())
     ids = pairs.source[:, :n]
@@ -146,7 +131,7 @@ def test_student_config_refuses_a_size_it_cannot_match():
 
 
 def test_teacher_logits_line_up_with_the_target_tokens():
-    teacher = _spread(event_log_teacher_micro())
+    teacher = scrambled_weights(event_log_teacher_micro(), 0)
     pairs = _pairs(3)
     seq, where = decoder_only_batch(pairs, pad=0)
     with torch.no_grad():
@@ -175,7 +160,7 @@ def test_event_log_answers_are_the_most_frequent_events():
 def test_teacher_targets_are_its_greedy_answers():
     from edgekit.compress.distill.pairs import teacher_targets
 
-    teacher = _spread(event_log_teacher_micro(), seed=2)
+    teacher = scrambled_weights(event_log_teacher_micro(), 2)
     pairs = _pairs(7, seed=4)
     produced = teacher_targets(teacher, pairs, batch_size=2)
     assert produced.shape == pairs.target.shape

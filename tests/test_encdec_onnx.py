@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import scrambled_weights
 from edgekit.artifact import Artifact, TensorSpec
 from edgekit.errors import StepFailed, UserError
 from edgekit.export.encdec_onnx import export_generation, generation_meta
@@ -14,33 +15,17 @@ from edgekit.models.event_log import VOCAB_SIZE, event_log_teacher_micro
 from edgekit.runtimes.generation import OrtGenerator, first_token_and_throughput, pick
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and two threads crawl when another process shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _scrambled(model, seed: int):
-    """Random weights large enough that greedy output varies with position (the default init mostly repeats a token)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _decoder():
     torch.manual_seed(0)
-    return _scrambled(event_log_teacher_micro(), 0)
+    return scrambled_weights(event_log_teacher_micro(), 0)
 
 
 def _encdec():
     torch.manual_seed(1)
-    return _scrambled(EncoderDecoderLM(student_config(event_log_teacher_micro().cfg)), 1)
+    return scrambled_weights(EncoderDecoderLM(student_config(event_log_teacher_micro().cfg)), 1)
 
 
 def _exported(tmp_path_factory, model, name: str):

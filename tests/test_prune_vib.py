@@ -28,13 +28,7 @@ HEAD_DIM = 8  # hidden 32 / 4 heads
 QUICK = {"mode": "full", "min_steps": 8, "max_rounds": 1, "batch_size": 8, "epochs": 1, "recovery_steps": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and two threads crawl when another process shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _quiet(_msg: str) -> None:

@@ -52,9 +52,7 @@ def fit(
     eval_every: int = 0,
 ) -> FitLog:
     """Train ``model`` in place for ``steps`` batches of ``pairs``; returns the log."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    opt = lm.adamw(model, lr, weight_decay)
     sched = lm.warmup_cosine(opt, steps)
     log, elapsed = FitLog(), lm.timer()
     start = _resume(checkpoint, model, opt, sched, log, ctx)

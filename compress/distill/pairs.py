@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgekit import metrics
 from edgekit.errors import UserError
 
 
@@ -87,35 +86,17 @@ def target_logits(model, pairs: Pairs) -> torch.Tensor:
 
 
 @torch.no_grad()
-def exact_match(model, pairs: Pairs, max_new_tokens: int | None = None, batch_size: int = 32) -> dict:
-    """Greedy answers against the targets: exact-match accuracy (whole answer) and token accuracy."""
-    from edgekit.models.encdec import generate
+def exact_match(model, pairs: Pairs) -> dict:
+    """Greedy answers against the targets, in percent: exact match (whole answer) and token accuracy."""
+    from edgekit.evaluate import score_generation, torch_generator
 
     was_training = model.training
     model.eval()
-    t = pairs.target.shape[1]
-    max_new = max_new_tokens or t
-    correct, tokens_ok, tokens = 0, 0, 0
     try:
-        for rows in _batches(model, pairs, batch_size):
-            part = pairs.rows(rows)
-            if getattr(model, "kind", None) == "encdec":
-                out = generate(model, part.source, max_new, part.source_mask)
-            else:  # a decoder-only prompt cannot be padded: one row at a time
-                n = int(part.source_mask[0].sum())
-                out = generate(model, part.source[:, :n], max_new)
-            got = metrics.exact_match(out.numpy(), part.target.numpy(), model.cfg.pad)
-            n_tok = int((part.target != model.cfg.pad).sum())
-            correct, tokens_ok, tokens = correct + got["rows"] * len(part), tokens_ok + got["tokens"] * n_tok, tokens + n_tok
+        got = score_generation(*torch_generator(model), pairs.source.numpy(), pairs.source_mask.numpy(), pairs.target.numpy())
     finally:
         model.train(was_training)
-    return {"exact_match": round(100.0 * correct / max(1, len(pairs)), 2), "token_accuracy": round(100.0 * tokens_ok / max(1, tokens), 2), "samples": len(pairs)}
-
-
-def _batches(model, pairs: Pairs, batch_size: int):
-    step = batch_size if getattr(model, "kind", None) == "encdec" else 1
-    for start in range(0, len(pairs), step):
-        yield torch.arange(start, min(len(pairs), start + step))
+    return {"exact_match": round(100.0 * got["rows"], 2), "token_accuracy": round(100.0 * got["tokens"], 2), "samples": len(pairs)}
 
 
 @torch.no_grad()

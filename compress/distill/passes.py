@@ -9,13 +9,12 @@ report exact-match accuracy on the eval split as training goes.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field
 
 from edgekit.artifact import Artifact
+from edgekit.compress import weights_cache
 from edgekit.errors import UserError
 from edgekit.passes import Pass, PassConfig, PassContext
 
@@ -160,35 +159,23 @@ def _text_model(artifact: Artifact, pass_name: str):
 
 def _train_cached(model, pairs, loss_fn, cfg: _TrainSettings, ctx: PassContext, pass_name: str) -> dict:
     """Train (or load the weights an earlier run trained under this step key); metrics."""
-    import torch
-
     from .loop import fit
     from .pairs import exact_match, pairs_of
 
     eval_pairs = None
     if cfg.eval_samples and ctx.data is not None and ctx.data.has_split("eval"):
         eval_pairs = pairs_of(ctx, "eval", pass_name).rows(slice(0, cfg.eval_samples))
-    cache_file: Path | None = ctx.cache_dir / "weights" / f"{ctx.key}.pt" if (cfg.cache and ctx.cache_dir and ctx.key) else None
-    metrics: dict = {}
-    if cache_file is not None and cache_file.is_file():
-        try:
-            model.load_state_dict(torch.load(cache_file, map_location="cpu", weights_only=True))
-            metrics = {"cached": True, "weights": str(cache_file)}
-        except Exception as e:  # a damaged or stale cache entry: train again
-            ctx.log(f"  {pass_name}: ignoring cached weights {cache_file.name} ({type(e).__name__}); training again")
-    if not metrics:
+    cache_file = weights_cache.cache_file(ctx, cfg.cache)
+    if weights_cache.load_cached(model, cache_file, ctx, pass_name):
+        metrics: dict = {"cached": True, "weights": str(cache_file)}
+    else:
         checkpoint = ctx.cache_dir / "checkpoints" / f"{ctx.key}.pt" if (ctx.cache_dir and ctx.key) else None
         log = fit(
             model, pairs, loss_fn, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
             seed=ctx.seed, ctx=ctx, what=pass_name, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every,
             eval_pairs=eval_pairs, eval_every=cfg.eval_every or cfg.steps,
         )
-        if cache_file is not None:
-            from edgekit.fsio import atomic_path
-
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cache_file) as tmp:
-                torch.save(model.state_dict(), tmp)
+        weights_cache.save_cached(model, cache_file)
         metrics = {"cached": False, "steps": cfg.steps, "pairs": len(pairs), **log.summary()}
     model.eval()
     if eval_pairs is not None:

@@ -27,6 +27,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from edgekit.artifact import Artifact
+from edgekit.compress import weights_cache
 from edgekit.errors import UserError
 from edgekit.passes import Pass, PassConfig, PassContext
 
@@ -97,17 +98,15 @@ class MoEBlockFFN(Pass):
         if eval_ids is not None:
             metrics["dense"] = lm.evaluate_lm(dense, eval_ids)
 
-        cache_file = ctx.cache_dir / "weights" / f"{ctx.key}.pt" if (cfg.cache and ctx.cache_dir and ctx.key) else None
+        cache_file = weights_cache.cache_file(ctx, cfg.cache)
         module = None
         if cache_file is not None and cache_file.is_file():
-            try:
-                module = to_blockffn(copy.deepcopy(dense), **cfg.size_args())
-                module.load_state_dict(torch.load(cache_file, map_location="cpu", weights_only=True))
+            module = to_blockffn(copy.deepcopy(dense), **cfg.size_args())
+            if weights_cache.load_cached(module, cache_file, ctx, self.name):
                 if cache_file.with_suffix(".json").is_file():  # what the run that made the weights measured
                     metrics.update(json.loads(cache_file.with_suffix(".json").read_text()))
                 metrics["cached"] = True
-            except Exception as e:  # a damaged or stale cache entry: convert again
-                ctx.log(f"  moe.blockffn: ignoring cached weights {cache_file.name} ({type(e).__name__}); converting again")
+            else:
                 module = None
         if module is None:
             module = copy.deepcopy(dense)
@@ -118,11 +117,10 @@ class MoEBlockFFN(Pass):
                 metrics["before"] = lm.evaluate_lm(module, eval_ids, chunks=chunks)  # converted, not yet fine-tuned
             log = finetune(module, ids, cfg, ctx.seed, ctx)
             metrics["finetune"] = log.summary(cfg.steps)
+            weights_cache.save_cached(module, cache_file)
             if cache_file is not None:
-                from edgekit.fsio import atomic_path, write_json
+                from edgekit.fsio import write_json
 
-                with atomic_path(cache_file) as tmp:
-                    torch.save(module.state_dict(), tmp)
                 write_json(cache_file.with_suffix(".json"), {k: metrics[k] for k in ("before", "finetune") if k in metrics})
             metrics["cached"] = False
         module.eval()

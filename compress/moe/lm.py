@@ -55,6 +55,13 @@ def batches(n: int, batch_size: int, steps: int, seed: int):
         cursor += batch_size
 
 
+def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with weight decay on the matrices only, not on norms and biases."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
 def warmup_cosine(optimizer, steps: int, warmup: int | None = None, floor: float = 0.1):
     """Linear warm-up over ``warmup`` steps (default 5%), then cosine decay to ``floor`` x the peak."""
     warmup = max(1, steps // 20 if warmup is None else warmup)

@@ -11,6 +11,7 @@ import copy
 from pydantic import Field
 
 from edgekit.artifact import Artifact
+from edgekit.compress import weights_cache
 from edgekit.passes import Pass, PassConfig, PassContext
 
 
@@ -33,8 +34,6 @@ class TrainLM(Pass):
     uses_data = ("train",)
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
-        import torch
-
         from . import lm
 
         cfg: TrainLMConfig = self.config
@@ -43,23 +42,14 @@ class TrainLM(Pass):
         lm.check_lm(module, ids, self.name)
         eval_ids = eval_windows(ctx, cfg.eval_samples, self.name)
         metrics: dict = {}
-        cache_file = ctx.cache_dir / "weights" / f"{ctx.key}.pt" if (cfg.cache and ctx.cache_dir and ctx.key) else None
-        if cache_file is not None and cache_file.is_file():
-            try:
-                module.load_state_dict(torch.load(cache_file, map_location="cpu", weights_only=True))
-            except Exception as e:  # a damaged or stale cache entry: train again
-                ctx.log(f"  train.lm: ignoring cached weights {cache_file.name} ({type(e).__name__}); training again")
-            else:
-                metrics = {"cached": True, "weights": str(cache_file)}
-        if not metrics:
+        cache_file = weights_cache.cache_file(ctx, cfg.cache)
+        if weights_cache.load_cached(module, cache_file, ctx, self.name):
+            metrics = {"cached": True, "weights": str(cache_file)}
+        else:
             if eval_ids is not None:
                 metrics["eval_before"] = lm.evaluate_lm(module, eval_ids)
             log = train_lm(module, ids, cfg.steps, cfg.batch_size, cfg.lr, cfg.weight_decay, ctx.seed, ctx)
-            if cache_file is not None:
-                from edgekit.fsio import atomic_path
-
-                with atomic_path(cache_file) as tmp:
-                    torch.save(module.state_dict(), tmp)
+            weights_cache.save_cached(module, cache_file)
             metrics.update(cached=False, steps=cfg.steps, windows=len(ids), seq=ids.shape[1], **log.head_tail(), seconds=round(log.seconds, 1))
         module.eval()
         if eval_ids is not None:
@@ -86,9 +76,7 @@ def train_lm(module, ids, steps: int, batch_size: int, lr: float, weight_decay: 
 
     from . import lm
 
-    decay = [p for n, p in module.named_parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for n, p in module.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    opt = lm.adamw(module, lr, weight_decay)
     sched = lm.warmup_cosine(opt, steps)
     log, elapsed = lm.TrainLog(), lm.timer()
     report = lm.step_reporter(ctx, steps, "train.lm") if ctx is not None else None
