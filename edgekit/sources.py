@@ -58,6 +58,7 @@ TRANSFORMS = {
     "blockffn": ("edgekit.compress.moe.convert", "to_blockffn"),
     "tokens.transform": ("edgekit.compress.tokens.transform", "apply_token_schedule"),
     "tokens.feather": ("edgekit.compress.tokens.feather", "apply_feather"),
+    "reparam": ("edgekit.models.reparam", "deploy_structure"),
 }
 
 

@@ -14,7 +14,18 @@ from typing import Any, Callable
 from edgekit.artifact import TensorSpec
 from edgekit.errors import UserError
 
-FAMILIES = ("edgekit.models.digits_cnn", "edgekit.models.mobile_cnn", "edgekit.models.codenet", "edgekit.models.tiny_lm", "edgekit.models.vit", "edgekit.models.tiny_vlm", "edgekit.models.encdec", "edgekit.models.event_log")
+FAMILIES = (
+    "edgekit.models.digits_cnn", "edgekit.models.mobile_cnn", "edgekit.models.codenet", "edgekit.models.tiny_lm", "edgekit.models.vit",
+    "edgekit.models.tiny_vlm", "edgekit.models.encdec", "edgekit.models.event_log",
+    # edge architectures from the literature, each with its deploy form (models/reparam.py)
+    "edgekit.models.unireplknet", "edgekit.models.lsnet", "edgekit.models.hornet", "edgekit.models.ffnet", "edgekit.models.sgconv",
+    "edgekit.models.convfirst", "edgekit.models.terminator",
+)
+
+
+def image_inputs(size: int = 32, channels: int = 3, name: str = "image") -> list[TensorSpec]:
+    """One NCHW float image in [0, 1]: what the zoo's image classifiers take (``synth:shapes_cls`` draws it)."""
+    return [TensorSpec(name=name, shape=["batch", channels, size, size], dtype="float32", layout="NCHW", low=0, high=1)]
 
 
 @dataclass
@@ -48,7 +59,11 @@ def _load_families() -> None:
     if not _loaded:
         _loaded = True
         for mod in FAMILIES:
-            importlib.import_module(mod)
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as e:  # a family still being written must not hide the others
+                if e.name != mod:
+                    raise
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -7,6 +7,8 @@ library is compiled under a temporary name in that folder and renamed into
 place, so two processes building at once both end with a complete library.
 ``build_library(cc=..., flags=..., out=...)`` is the same compile for any
 target, e.g. ``aarch64-linux-gnu-gcc -O3 -mcpu=cortex-a55 -fopenmp`` (NEON).
+Every function takes ``source`` and ``lib_name`` (default: kernels.c here and
+its library name), so another runtime's C file reuses the same machinery.
 Nothing is ever downloaded.
 """
 
@@ -56,17 +58,18 @@ def _cpu() -> str:
     return f"{model} {' '.join(sorted(flags))}"
 
 
-def cache_key(cc: str = "gcc", flags: list[str] | None = None) -> str:
+def cache_key(cc: str = "gcc", flags: list[str] | None = None, source: Path = SOURCE) -> str:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(BASE_FLAGS + list(NATIVE_FLAGS if flags is None else flags)).encode(),
+    for part in (Path(source).read_bytes(), " ".join(BASE_FLAGS + list(NATIVE_FLAGS if flags is None else flags)).encode(),
                  compiler_version(cc).encode(), _cpu().encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:32]
 
 
-def build_library(cc: str = "gcc", flags: list[str] | None = None, out: str | Path | None = None) -> Path:
-    """Compile kernels.c into the shared library ``out`` (atomically); returns ``out``.
+def build_library(cc: str = "gcc", flags: list[str] | None = None, out: str | Path | None = None,
+                  source: Path = SOURCE, lib_name: str = LIB_NAME) -> Path:
+    """Compile ``source`` (default kernels.c) into the shared library ``out`` (atomically); returns ``out``.
 
     ``flags`` replaces the default ``-O3 -march=native -fopenmp``; the flags a
     shared library needs are always added. Without ``out`` the library goes to
@@ -75,7 +78,7 @@ def build_library(cc: str = "gcc", flags: list[str] | None = None, out: str | Pa
     path = find_compiler(cc)
     flags = list(NATIVE_FLAGS if flags is None else flags)
     if out is None:
-        out = cached_path(cc, flags)
+        out = cached_path(cc, flags, source, lib_name)
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -85,11 +88,11 @@ def build_library(cc: str = "gcc", flags: list[str] | None = None, out: str | Pa
                         "set EDGEKIT_CACHE to a writable folder") from exc
     os.close(fd)
     try:
-        proc = subprocess.run([path, *BASE_FLAGS, *flags, str(SOURCE), "-o", tmp, "-lm"],
+        proc = subprocess.run([path, *BASE_FLAGS, *flags, str(source), "-o", tmp, "-lm"],
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-TAIL_LINES:])
-            raise StepFailed(f"{cc} could not compile the BlockFFN kernels ({SOURCE}):\n{tail}")
+            raise StepFailed(f"{cc} could not compile the native kernels in {source}:\n{tail}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     finally:
@@ -98,15 +101,15 @@ def build_library(cc: str = "gcc", flags: list[str] | None = None, out: str | Pa
     return out
 
 
-def cached_path(cc: str = "gcc", flags: list[str] | None = None) -> Path:
+def cached_path(cc: str = "gcc", flags: list[str] | None = None, source: Path = SOURCE, lib_name: str = LIB_NAME) -> Path:
     from edgekit.pipeline import default_cache_dir
 
-    return default_cache_dir() / "kernels" / cache_key(cc, flags) / LIB_NAME
+    return default_cache_dir() / "kernels" / cache_key(cc, flags, source) / lib_name
 
 
-def library_path(cc: str = "gcc") -> Path:
+def library_path(cc: str = "gcc", source: Path = SOURCE, lib_name: str = LIB_NAME) -> Path:
     """The native library for this machine: reused from the cache, built on first use."""
-    out = cached_path(cc)
+    out = cached_path(cc, source=source, lib_name=lib_name)
     if out.is_file():
         return out
-    return build_library(cc, out=out)
+    return build_library(cc, out=out, source=source, lib_name=lib_name)
