@@ -20,7 +20,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 from edgekit import fsio
 from edgekit.artifact import Artifact
 from edgekit.machine import machine_info, versions

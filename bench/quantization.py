@@ -2,7 +2,10 @@
 
 Models: the real MiniLM-L6 sentence encoder (128 tokens, mean pooling), the
 quickstart digits CNN and the zoo's mobile_cnn_small (depthwise/pointwise
-convolutions plus an attention block), both trained on scikit-learn's digits.
+convolutions plus an attention block), both trained on scikit-learn's digits;
+and two larger CNNs from the literature zoo, unireplknet_small and
+convfirst_small, trained on generated 32x32 digit images and re-parameterized
+(their deploy form is the FP32 baseline; top-1 on unseen glyphs).
 
 For each model the FP32 ONNX comes from edgekit's own export; the peers
 quantize that file (ONNX Runtime quantize_dynamic, quantize_static with QDQ
@@ -53,10 +56,22 @@ def cnn(name: str, epochs: int) -> dict[str, Any]:
     return {"model": {"source": f"zoo:{name}", "dims": {"batch": 1}}, "data": DIGITS_DATA, "train": {"train.supervised": {"epochs": epochs}}}
 
 
+CANVAS_DATA = {"source": "synth:digits_canvas:2000", "calibration": {"samples": 128},
+               "eval": {"source": "synth:digits_canvas_test:500", "metric": "top1"}}
+
+
+def zoo(name: str, epochs: int) -> dict[str, Any]:
+    """A literature-zoo CNN on generated digit images, trained then re-parameterized: its deploy form is the FP32 baseline."""
+    return {"model": {"source": f"zoo:{name}", "args": {"num_classes": 10}, "dims": {"batch": 1}}, "data": CANVAS_DATA,
+            "train": {"train.supervised": {"epochs": epochs, "batch_size": 50, "weight_decay": 0.05}}, "prepare": [{"reparam": {}}]}
+
+
 MODELS: dict[str, dict[str, Any]] = {
     "MiniLM-L6": {**MINILM, "train": None},
     "digits_cnn": cnn("digits_cnn", 15),
     "mobile_cnn_small": cnn("mobile_cnn_small", 20),
+    "unireplknet_small": zoo("unireplknet_small", 6),
+    "convfirst_small": zoo("convfirst_small", 6),
 }
 
 # edgekit rows: (label, compress steps after training, export?)
@@ -77,7 +92,7 @@ EDGEKIT_ROWS: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {
 # -- running edgekit ----------------------------------------------------------------
 
 def run_recipe(name: str, spec: dict[str, Any], compress: list[dict[str, Any]], workdir: Path) -> tuple[Artifact, dict[str, Any], Pipeline]:
-    steps = ([spec["train"]] if spec.get("train") else []) + compress
+    steps = ([spec["train"]] if spec.get("train") else []) + spec.get("prepare", []) + compress
     raw = {"name": name, "seed": 0, "model": spec["model"], "data": spec["data"], "compress": steps, "report": {"formats": []}}
     if not any("nncf" in str(s) for s in compress):
         raw["export"] = [{"onnx": {"opset": 17}}]

@@ -16,7 +16,10 @@ bench/zoo_convfirst.py (ConvFirst block fused tile by tile vs unfused) and
 bench/zoo_fftconv.py (long convolution as FFT, direct and Monarch matmuls at
 sequence lengths 1k to 64k).
 
-Run: python bench/zoo.py [--quick] [--only FAMILY,...]   (or `make bench`)
+Tiny and small variants are measured; LiteRT and TVM (a compile per form) for
+the tiny ones unless ``--all-runtimes``.
+
+Run: python bench/zoo.py [--quick] [--only FAMILY,...] [--all-runtimes]   (or `make bench`)
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 RESULTS = HERE / "results"
 FAMILIES = ("unireplknet", "lsnet", "hornet", "ffnet", "sgconv", "convfirst", "terminator")
-TRAIN = {"n": 3000, "epochs": 8, "lr": 3e-3, "weight_decay": 0.05, "batch_size": 50}
+TRAIN = {"n": 2000, "epochs": 6, "lr": 3e-3, "weight_decay": 0.05, "batch_size": 50}
 TEST_N = 1000
 RUNTIMES = {"onnx": "onnxruntime", "tflite": "litert", "tvm": "tvm"}
 ROUNDS, BLOCK = 5, 0.4
@@ -76,7 +79,8 @@ def train(name: str, log=print):
         torch.manual_seed(0)
         module = create_model(name, num_classes=10).eval()
     art = Artifact(format="torch", inputs=info.inputs, task="classification", outputs=["logits"], module=module)
-    key = "zoo-" + hashlib.sha256(json.dumps({"model": name, **TRAIN}, sort_keys=True).encode()).hexdigest()[:16]
+    source = Path(sys.modules[type(module).__module__].__file__).read_bytes()  # new code, new weights
+    key = "zoo-" + hashlib.sha256(json.dumps({"model": name, **TRAIN}, sort_keys=True).encode() + source).hexdigest()[:16]
     cached = (CACHE / "weights" / f"{key}.pt").is_file()
     split = digits(TRAIN["n"], 1, test=False) if not cached else types.SimpleNamespace(arrays={}, labels=np.zeros(1, np.int64))
     ctx = PassContext(workdir=CACHE, data=types.SimpleNamespace(split=lambda _s: split), cache_dir=CACHE, key=key, log=log)
@@ -218,18 +222,21 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny variants, ONNX Runtime only, short timing blocks")
+    parser.add_argument("--all-runtimes", action="store_true", help="LiteRT and TVM for every variant (default: tiny variants only)")
     parser.add_argument("--only", default="", help="comma-separated families (default: all)")
     parser.add_argument("--skip-kernels", action="store_true", help="leave out the ConvFirst and FFT-convolution sections")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    names = [n for n in variants([f for f in args.only.split(",") if f] or None) if not args.quick or n.endswith("_tiny")]
+    names = [n for n in variants([f for f in args.only.split(",") if f] or None) if n.endswith(("_tiny", "_small"))]
+    names = [n for n in names if not args.quick or n.endswith("_tiny")]
     formats = ["onnx"] if args.quick else ["onnx", "tflite", "tvm"]
     rounds, block = (2, 0.2) if args.quick else (ROUNDS, BLOCK)
     test = digits(TEST_N, 2, test=True)
     rows = []
     for name in names:
         print(f"== {name}", flush=True)
-        rows.append(measure(name, test, formats, rounds, block))
+        fmts = formats if args.all_runtimes or name.endswith("_tiny") else ["onnx"]
+        rows.append(measure(name, test, fmts, rounds, block))
     sections = [
         "# Model zoo: deploy transforms on three runtimes\n",
         header("training: torch 2 threads; timing: 1 thread, batch 1"),

@@ -88,7 +88,7 @@ class Head(nn.Module):
 
 
 class ConvFirst(nn.Module):
-    def __init__(self, widths: tuple[int, ...], depths: tuple[int, ...], num_classes: int = 6, kernel_size: int = 3,
+    def __init__(self, widths: tuple[int, ...], depths: tuple[int, ...], num_classes: int = 10, kernel_size: int = 3,
                  group_width: int = 8, expansion: int = 4, act: str = "relu") -> None:
         super().__init__()
         if len(widths) != len(depths):
@@ -107,12 +107,12 @@ class ConvFirst(nn.Module):
 
 
 @register_model(inputs=image_inputs(32), task="classification", dims={"batch": 1})
-def convfirst_tiny(num_classes: int = 6) -> ConvFirst:
+def convfirst_tiny(num_classes: int = 10) -> ConvFirst:
     """ConvFirst, grouped 3x3 (width 8) + 4x 1x1 bottleneck blocks, 32-64-96 at 16/8/4 px (~200 K params)."""
     return ConvFirst((32, 64, 96), (1, 2, 1), num_classes, group_width=8)
 
 
 @register_model(inputs=image_inputs(32), task="classification", dims={"batch": 1})
-def convfirst_small(num_classes: int = 6) -> ConvFirst:
+def convfirst_small(num_classes: int = 10) -> ConvFirst:
     """ConvFirst, grouped 3x3 (width 16) + 4x 1x1 bottleneck blocks, 48-96-192 at 16/8/4 px (~0.97 M params)."""
     return ConvFirst((48, 96, 192), (2, 2, 2), num_classes, group_width=16)

@@ -208,7 +208,7 @@ class Block(nn.Module):
 class LSNet(nn.Module):
     """Stem to 1/2 resolution, stages of LSNet blocks with depthwise stride-2 downsampling between them, pool, head."""
 
-    def __init__(self, dims: tuple[int, ...], depths: tuple[int, ...], num_classes: int = 6, group_channels: int = 8):
+    def __init__(self, dims: tuple[int, ...], depths: tuple[int, ...], num_classes: int = 10, group_channels: int = 8):
         super().__init__()
         if len(dims) != len(depths) or not dims:
             raise ValueError(f"dims {dims} and depths {depths} must be non-empty and the same length")
@@ -230,18 +230,18 @@ class LSNet(nn.Module):
 
 
 @register_model(inputs=image_inputs(32), task="classification", dims={"batch": 1})
-def lsnet_tiny(num_classes: int = 6) -> LSNet:
+def lsnet_tiny(num_classes: int = 10) -> LSNet:
     """LSNet (CVPR 2025), LS convolution + RepVGG depthwise blocks, 32-64-96 x 2 blocks (~174 K params)."""
     return LSNet((32, 64, 96), (2, 2, 2), num_classes)
 
 
 @register_model(inputs=image_inputs(32), task="classification", dims={"batch": 1})
-def lsnet_small(num_classes: int = 6) -> LSNet:
+def lsnet_small(num_classes: int = 10) -> LSNet:
     """LSNet (CVPR 2025), LS convolution + RepVGG depthwise blocks, 48-96-160 x 2-2-4 blocks (~580 K params)."""
     return LSNet((48, 96, 160), (2, 2, 4), num_classes)
 
 
 @register_model(inputs=image_inputs(32), task="classification", dims={"batch": 1})
-def lsnet_base(num_classes: int = 6) -> LSNet:
+def lsnet_base(num_classes: int = 10) -> LSNet:
     """LSNet (CVPR 2025), LS convolution + RepVGG depthwise blocks, 64-128-256 x 2-4-4 blocks (~1.5 M params)."""
     return LSNet((64, 128, 256), (2, 4, 4), num_classes)

@@ -159,7 +159,7 @@ class SlowFastBlock(nn.Module):
 class Terminator(nn.Module):
     """Stem (two stride-2 3x3 convs), stages of slow-fast blocks with strided 3x3 downsampling between them, mean pool, linear head."""
 
-    def __init__(self, stages: list[tuple[int, int]], num_classes: int = 6, image_size: int = 32, hidden: int = 16, local_size: int = 3):
+    def __init__(self, stages: list[tuple[int, int]], num_classes: int = 10, image_size: int = 32, hidden: int = 16, local_size: int = 3):
         super().__init__()
         if image_size % 2 ** (len(stages) + 1):
             raise ValueError(f"image_size {image_size} must be divisible by {2 ** (len(stages) + 1)} (a stride-4 stem and {len(stages) - 1} downsamplings)")
@@ -181,12 +181,12 @@ class Terminator(nn.Module):
 
 
 @register_model(inputs=image_inputs(32), task="classification", dims={"batch": 1})
-def terminator_tiny(num_classes: int = 6) -> Terminator:
+def terminator_tiny(num_classes: int = 10) -> Terminator:
     """Terminator (HyperZ·Z·W), slow-fast blocks 48 + 2x96 with full-context hyper-kernels 15x15 / 7x7 (~148 K params)."""
     return Terminator(TINY_STAGES, num_classes, hidden=16)
 
 
 @register_model(inputs=image_inputs(32), task="classification", dims={"batch": 1})
-def terminator_small(num_classes: int = 6) -> Terminator:
+def terminator_small(num_classes: int = 10) -> Terminator:
     """Terminator (HyperZ·Z·W), slow-fast blocks 64 + 3x160 with full-context hyper-kernels 15x15 / 7x7 (~486 K params)."""
     return Terminator(SMALL_STAGES, num_classes, hidden=32)

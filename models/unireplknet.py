@@ -189,7 +189,7 @@ class UniRepLKNet(nn.Module):
     ``kernels[i]`` lists the depthwise kernel of every block of stage ``i`` (3: plain dw conv; 5/7/9: dilated reparam).
     """
 
-    def __init__(self, dims: tuple[int, ...], kernels: tuple[tuple[int, ...], ...], num_classes: int = 6, in_channels: int = 3,
+    def __init__(self, dims: tuple[int, ...], kernels: tuple[tuple[int, ...], ...], num_classes: int = 10, in_channels: int = 3,
                  layer_scale: float = 0.1):
         super().__init__()
         if len(dims) != len(kernels):
@@ -208,18 +208,18 @@ class UniRepLKNet(nn.Module):
 
 
 @register_model(inputs=image_inputs(32), task="classification", dims={"batch": 1})
-def unireplknet_tiny(num_classes: int = 6) -> UniRepLKNet:
+def unireplknet_tiny(num_classes: int = 10) -> UniRepLKNet:
     """UniRepLKNet, dilated reparam 7x7 depthwise blocks, 16-32-64 channels (~140 K params)."""
     return UniRepLKNet((16, 32, 64), ((3,), (7, 7), (7, 7)), num_classes)
 
 
 @register_model(inputs=image_inputs(32), task="classification", dims={"batch": 1})
-def unireplknet_small(num_classes: int = 6) -> UniRepLKNet:
+def unireplknet_small(num_classes: int = 10) -> UniRepLKNet:
     """UniRepLKNet, dilated reparam 9x9/7x7 depthwise blocks (paper's large/3x3 interleave), 32-64-160 channels (~1.1 M params)."""
     return UniRepLKNet((32, 64, 160), ((3, 3), (9, 9), (7, 3, 7, 3)), num_classes)
 
 
 @register_model(inputs=image_inputs(32), task="classification", dims={"batch": 1})
-def unireplknet_base(num_classes: int = 6) -> UniRepLKNet:
+def unireplknet_base(num_classes: int = 10) -> UniRepLKNet:
     """UniRepLKNet for benchmarks, dilated reparam 9x9/7x7 depthwise blocks, 48-96-224 channels (~2.3 M params)."""
     return UniRepLKNet((48, 96, 224), ((3, 3), (9, 9, 9), (7, 3, 7, 3)), num_classes)

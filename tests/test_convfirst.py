@@ -50,7 +50,7 @@ def test_variants_shapes_and_sizes(factory, low, high):
     params = sum(p.numel() for p in model.parameters())
     assert low <= params <= high, params
     with torch.no_grad():
-        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 6)
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     assert factory(num_classes=3)(torch.rand(1, 3, 32, 32)).shape == (1, 3)
 
 

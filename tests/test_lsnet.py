@@ -157,7 +157,7 @@ def test_ls_conv_output_bn_becomes_a_channel_affine():
 def test_variant_shapes_and_params(factory):
     model = factory().eval()
     with torch.no_grad():
-        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 6)
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
         assert factory(num_classes=3).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 3)
     low, high = PARAM_RANGES[factory]
     assert low <= sum(p.numel() for p in model.parameters()) <= high
