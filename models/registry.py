@@ -59,11 +59,7 @@ def _load_families() -> None:
     if not _loaded:
         _loaded = True
         for mod in FAMILIES:
-            try:
-                importlib.import_module(mod)
-            except ModuleNotFoundError as e:  # a family still being written must not hide the others
-                if e.name != mod:
-                    raise
+            importlib.import_module(mod)
 
 
 def list_models(pattern: str = "*") -> list[str]:

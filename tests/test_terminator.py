@@ -47,7 +47,7 @@ def test_forward_shape_and_size(name):
     torch.manual_seed(0)
     model = create_model(name).eval()
     with torch.no_grad():
-        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 6)
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
         assert create_model(name, num_classes=4).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 4)
     low, high = PARAM_RANGES[name]
     assert low <= _params(model) <= high
