@@ -42,6 +42,28 @@ def scrambled_weights(model, seed: int):
     return model.eval()
 
 
+def randomize_norms(model, seed: int = 0):
+    """BatchNorm statistics and affines far from their initial values: fresh ones are the identity, which makes every fold trivial."""
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.3)
+    return model.eval()
+
+
+def rel_diff(a, b) -> float:
+    """Largest absolute difference of two outputs relative to their largest magnitude."""
+    return float((a - b).abs().max() / max(a.abs().max(), b.abs().max()))
+
+
 def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(text)

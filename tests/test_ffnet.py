@@ -10,31 +10,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgekit.models import create_model, model_info
+from edgekit.models import create_model
 from edgekit.models.ffnet import ConvBN, Downsample, FFBlock, FFNet, RepDW, TokenMixer
 from edgekit.models.reparam import deploy
+from tests.conftest import randomize_norms, rel_diff
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PARAM_RANGES = {"ffnet_tiny": (150_000, 300_000), "ffnet_small": (800_000, 1_500_000)}
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BatchNorm statistics and affines (fresh ones are the identity, which would make every fold trivial)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.5)
-    return model.eval()
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 def _reparameterized(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +38,7 @@ def _bns(model: nn.Module) -> int:
 
 def test_token_mixer_is_ffnified_attention():
     torch.manual_seed(0)
-    mixer = randomize(TokenMixer(8))
+    mixer = randomize_norms(TokenMixer(8))
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         key = mixer.key.bn(F.conv2d(x, mixer.key.conv.weight))
@@ -63,9 +50,9 @@ def test_token_mixer_is_ffnified_attention():
 
 def test_conv_bn_folds():
     torch.manual_seed(0)
-    pair = randomize(nn.Sequential(ConvBN(6, 10, 3, stride=2))[0])
+    pair = randomize_norms(nn.Sequential(ConvBN(6, 10, 3, stride=2))[0])
     before, after = _reparameterized(pair, torch.randn(2, 6, 9, 9))
-    assert isinstance(pair.bn, nn.Identity) and pair.conv.bias is not None and _rel(before, after) < 1e-6
+    assert isinstance(pair.bn, nn.Identity) and pair.conv.bias is not None and rel_diff(before, after) < 1e-6
     weight = pair.conv.weight.clone()
     pair.reparameterize()  # twice is a no-op
     assert torch.equal(weight, pair.conv.weight)
@@ -74,12 +61,12 @@ def test_conv_bn_folds():
 @pytest.mark.parametrize("stride,mult", [(1, 1), (2, 2)])
 def test_large_and_small_depthwise_merge_into_one(stride, mult):
     torch.manual_seed(0)
-    dw = randomize(RepDW(8, 8 * mult, 7, stride=stride))
+    dw = randomize_norms(RepDW(8, 8 * mult, 7, stride=stride))
     before, after = _reparameterized(dw, torch.randn(2, 8, 10, 10))
     assert dw.large is None and dw.small is None and _bns(dw) == 0
     fused = dw.fused
     assert fused.kernel_size == (7, 7) and fused.groups == 8 and fused.stride == (stride, stride) and fused.out_channels == 8 * mult
-    assert _rel(before, after) < 1e-6
+    assert rel_diff(before, after) < 1e-6
     dw.reparameterize()
     assert dw.fused is fused
 
@@ -87,7 +74,7 @@ def test_large_and_small_depthwise_merge_into_one(stride, mult):
 def test_merge_works_on_branches_already_folded():
     """deploy() folds the ConvBN children first; the merge must give the same kernel either way."""
     torch.manual_seed(0)
-    dw = randomize(RepDW(4, 4, 5))
+    dw = randomize_norms(RepDW(4, 4, 5))
     direct = deploy(dw)
     dw.large.reparameterize()
     dw.small.reparameterize()
@@ -97,17 +84,17 @@ def test_merge_works_on_branches_already_folded():
 
 def test_downsample_skip_folds_into_the_projection():
     torch.manual_seed(0)
-    down = randomize(Downsample(8, 16))
+    down = randomize_norms(Downsample(8, 16))
     down.dw.reparameterize()
     before, after = _reparameterized(down, torch.randn(2, 8, 8, 8))
-    assert not down.skip and isinstance(down.proj.bn, nn.Identity) and _rel(before, after) < 1e-6
+    assert not down.skip and isinstance(down.proj.bn, nn.Identity) and rel_diff(before, after) < 1e-6
 
 
 def test_final_bn_folds_into_the_head():
     torch.manual_seed(0)
-    model = randomize(FFNet([(8, 1)], num_classes=4))
+    model = randomize_norms(FFNet([(8, 1)], num_classes=4))
     before, after = _reparameterized(model, torch.rand(2, 3, 32, 32))
-    assert isinstance(model.norm, nn.Identity) and _rel(before, after) < 1e-6
+    assert isinstance(model.norm, nn.Identity) and rel_diff(before, after) < 1e-6
 
 
 def test_rejects_kernels_that_cannot_merge():
@@ -120,20 +107,11 @@ def test_rejects_kernels_that_cannot_merge():
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_RANGES))
-def test_variant_shapes_params_and_deploy_parity(name):
-    torch.manual_seed(0)
-    model = randomize(create_model(name))
-    assert model_info(name).description and model_info(name).inputs[0].shape == ["batch", 3, 32, 32]
+def test_variant_params(name):
+    """Sizes in the stated range (deploy parity, shapes and class counts: tests/test_zoo.py)."""
+    model = create_model(name)
     low, high = PARAM_RANGES[name]
     assert low <= sum(p.numel() for p in model.parameters()) <= high
-    x = torch.rand(3, 3, 32, 32)
-    deployed = deploy(model)
-    with torch.no_grad():
-        expected = model(x)
-        assert expected.shape == (3, 10)
-        assert _rel(expected, deployed(x)) < 1e-5
-        assert _rel(expected, deploy(deployed)(x)) < 1e-5  # deploying twice changes nothing
-    assert create_model(name, num_classes=4)(x).shape == (3, 4)
 
 
 def test_deploy_has_no_bn_and_one_depthwise_conv_per_repdw():
@@ -154,7 +132,7 @@ def test_deploy_form_exports_to_onnx_with_parity(tmp_path):
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    model = deploy(randomize(create_model("ffnet_tiny")))
+    model = deploy(randomize_norms(create_model("ffnet_tiny")))
     x = torch.rand(2, 3, 32, 32)
     path = tmp_path / "ffnet.onnx"
     with warnings.catch_warnings():

@@ -23,6 +23,7 @@ from edgekit.models.lsnet import (
     ls_aggregate,
 )
 from edgekit.models.reparam import deploy
+from tests.conftest import randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,16 +38,6 @@ def aggregate_reference(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (cols * per_channel).sum(2)
 
 
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-    return model.eval()
 
 
 def has_bn(model: nn.Module) -> bool:

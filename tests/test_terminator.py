@@ -10,6 +10,7 @@ from torch import nn
 from edgekit.models import create_model, list_models, model_info
 from edgekit.models.reparam import deploy, fold_bn
 from edgekit.models.terminator import CoordinateMLP, HyperKernelConv, SlowFastBlock, Terminator, coordinate_grid
+from tests.conftest import randomize_norms, rel_diff
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -20,20 +21,8 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-    return model.eval()
 
 
-def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got - ref).abs().max()) / float(ref.abs().max())
 
 
 def test_listed_with_image_inputs():
@@ -101,7 +90,7 @@ def test_training_updates_the_slow_networks():
 def test_global_hyper_kernel_gives_full_context():
     """On an S x S map the global kernel is 2S-1 wide: a corner output sees the opposite corner input."""
     torch.manual_seed(0)
-    block = _randomize_norms(SlowFastBlock(channels=4, size=6))
+    block = randomize_norms(SlowFastBlock(channels=4, size=6))
     assert block.global_kernel.kernel_size == 11 and block.local_kernel.kernel_size == 3
     x = torch.rand(1, 4, 6, 6, requires_grad=True)
     block.global_kernel(x)[0, :, 0, 0].sum().backward()
@@ -116,14 +105,14 @@ def test_global_hyper_kernel_gives_full_context():
 
 def test_hyper_kernel_conv_reparameterizes_to_a_plain_depthwise_conv():
     torch.manual_seed(0)
-    conv = _randomize_norms(HyperKernelConv(channels=8, kernel_size=7))
+    conv = randomize_norms(HyperKernelConv(channels=8, kernel_size=7))
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
         ref = conv(x)
         weight, bias = fold_bn(conv.hyper_kernel(), None, conv.norm)
         conv.reparameterize()
         got = conv(x)
-    assert _rel(got, ref) <= 1e-5
+    assert rel_diff(got, ref) <= 1e-5
     plain = conv.conv
     assert type(plain) is nn.Conv2d and plain.groups == 8 and plain.kernel_size == (7, 7) and plain.padding == (3, 3)
     torch.testing.assert_close(plain.weight, weight)
@@ -141,12 +130,12 @@ def test_hyper_kernel_conv_reparameterizes_to_a_plain_depthwise_conv():
 @pytest.mark.parametrize("name", sorted(PARAM_RANGES))
 def test_deploy_form_precomputes_every_hyper_kernel(name):
     torch.manual_seed(0)
-    model = _randomize_norms(create_model(name))
+    model = randomize_norms(create_model(name))
     deployed = deploy(model)
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, got = model(x), deployed(x)
-    assert _rel(got, ref) <= 1e-5
+    assert rel_diff(got, ref) <= 1e-5
     assert not any(isinstance(m, (CoordinateMLP, nn.BatchNorm2d)) for m in deployed.modules())
     assert not any("slow_net" in key or "coords" in key for key in deployed.state_dict())
     hyper = [m for m in deployed.modules() if isinstance(m, HyperKernelConv)]
@@ -170,7 +159,7 @@ def test_both_forms_export_to_onnx_with_parity(tmp_path):
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    model = _randomize_norms(create_model("terminator_tiny"))
+    model = randomize_norms(create_model("terminator_tiny"))
     x = torch.rand(2, 3, 32, 32)
     ops = {}
     for tag, module in (("train", model), ("deploy", deploy(model))):
@@ -183,7 +172,7 @@ def test_both_forms_export_to_onnx_with_parity(tmp_path):
             with torch.no_grad():
                 expected = module(batch)
             got = torch.from_numpy(sess.run(None, {"image": batch.numpy()})[0])
-            assert _rel(got, expected) <= 1e-5, tag
+            assert rel_diff(got, expected) <= 1e-5, tag
         graph = onnx.load(str(path)).graph
         ops[tag] = {n.op_type for n in graph.node}
         if tag == "deploy":

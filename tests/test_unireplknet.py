@@ -12,6 +12,7 @@ from torch import nn
 import edgekit.models.unireplknet as unireplknet
 from edgekit.models.reparam import dilate_kernel, pad_kernel
 from edgekit.models.unireplknet import DILATED_BRANCHES, GRN, DilatedReparamBlock, UniRepLKNet, UniRepLKNetBlock
+from tests.conftest import randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,17 +24,12 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-            elif isinstance(m, GRN):
+            if isinstance(m, GRN):
                 m.gamma.copy_(torch.randn(m.gamma.shape, generator=gen) * 0.5)
                 m.beta.copy_(torch.randn(m.beta.shape, generator=gen) * 0.5)
             elif isinstance(m, UniRepLKNetBlock):
                 m.layer_scale.copy_(torch.rand(m.layer_scale.shape, generator=gen) + 0.5)
-    return model.eval()
+    return randomize_norms(model, seed)
 
 
 def assert_close_rel(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:

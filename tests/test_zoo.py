@@ -16,6 +16,7 @@ from edgekit.artifact import Artifact
 from edgekit.models import create_model, list_models, model_info
 from edgekit.models.reparam import deploy
 from edgekit.passes import PassContext
+from tests.conftest import randomize_norms
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,17 +25,6 @@ VARIANTS = [n for n in list_models() if n.split("_")[0] in FAMILIES]
 TINY = [f"{f}_tiny" for f in FAMILIES if f"{f}_tiny" in VARIANTS]
 
 
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Running statistics and affine terms far from their initial values, so folding them is really tested."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-    return model.eval()
 
 
 def artifact(name: str, module: nn.Module) -> Artifact:
