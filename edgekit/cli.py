@@ -350,6 +350,141 @@ def list_generated() -> None:
             click.echo(f"{name:16s} {doc}")
 
 
+@cli.command("generate")
+@click.argument("model", metavar="MODEL")
+@click.option("--prompt", help="Text to continue (needs a tokenizer: byte-level zoo LMs and HF folders bring one).")
+@click.option("--prompt-ids", help="Token ids to continue instead, comma-separated, e.g. 1,45,72.")
+@click.option("--drafter", default="none", show_default=True, help="none, ngram, aded, swift or head (see `edgekit generate --help`).")
+@click.option("--drafter-option", "drafter_options", multiple=True, metavar="KEY=VALUE", help="A drafter setting, e.g. size=32 (repeatable).")
+@click.option("--drafter-weights", type=click.Path(path_type=Path), help="head: the .npz from `edgekit train-drafter`.")
+@click.option("--drafter-data", type=click.Path(path_type=Path), help="aded: a text file whose tri-grams seed the table.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0: greedy; else sampled (same distribution with any drafter).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
+@click.option("--arch", help="Zoo architecture for a torch:FILE state dict.")
+@click.option("--tokenizer", help="bytes, or a folder with Hugging Face tokenizer files (default: what the model says).")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for the model.")
+@click.option("--compare", is_flag=True, help="Also decode plainly (greedy) and report the speed-up and whether the output is identical.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def generate_cmd(model: str, prompt: str | None, prompt_ids: str | None, drafter: str, drafter_options: tuple[str, ...], drafter_weights: Path | None,
+                 drafter_data: Path | None, max_new_tokens: int, temperature: float, seed: int, runtime: str, arch: str | None,
+                 tokenizer: str | None, threads: int | None, compare: bool, as_json: bool) -> None:
+    """Generate from MODEL with speculative decoding (output identical to plain greedy, or the same sampling distribution).
+
+    MODEL: zoo:NAME, hf:DIR (Llama family), torch:FILE with --arch, a step's artifact folder, or a verifier export folder.
+    Drafters: ngram (prompt lookup), aded (adaptive tri-gram tree), swift (layer-skip self-draft, torch), head (trained head).
+    """
+    import tempfile
+
+    from edgekit.errors import UserError
+    from edgekit.runtimes.decoding.load import load_target, tokenizer_for
+
+    options = _parse_options(drafter_options)
+    if drafter_weights is not None:
+        options["weights"] = drafter_weights
+    if (prompt is None) == (prompt_ids is None):
+        raise UserError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    with tempfile.TemporaryDirectory(prefix="edgekit-generate-") as scratch:
+        target, meta = load_target(model, runtime, arch, threads, Path(scratch) / "verifier")
+        tok = tokenizer_for(meta, tokenizer)
+        if prompt is not None and tok is None:
+            raise UserError(f"{model} names no tokenizer; pass --tokenizer bytes or a tokenizer folder, or --prompt-ids")
+        ids = tok.encode(prompt) if prompt is not None else _parse_ids(prompt_ids)
+        if drafter_data is not None:
+            if tok is None:
+                raise UserError("--drafter-data is text and this model has no tokenizer; pass --tokenizer")
+            if not drafter_data.is_file():
+                raise UserError(f"--drafter-data {drafter_data} does not exist; pass a text file")
+            import numpy as np
+
+            options["corpus"] = np.asarray(tok.encode(drafter_data.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
+        result = _generate(target, drafter, options, ids, max_new_tokens, temperature, seed, tok, compare)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    click.echo(result["text"] if result["text"] is not None else ",".join(map(str, result["tokens"])))
+    click.echo(f"{result['new_tokens']} tokens in {result['seconds']:.3f} s ({result['tokens_per_s']:.1f} tokens/s), "
+               f"{result['passes']} verification passes, {result['tokens_per_pass']:.2f} tokens per pass (drafter {drafter})", err=True)
+    if compare:
+        same = "identical to" if result["identical_to_plain"] else "DIFFERENT from"
+        click.echo(f"plain greedy: {result['plain_tokens_per_s']:.1f} tokens/s; speed-up {result['speedup']:.2f}x; output {same} plain greedy", err=True)
+
+
+def _generate(target, drafter_name, options, ids, max_new_tokens, temperature, seed, tok, compare) -> dict:
+    from edgekit.errors import UserError
+    from edgekit.runtimes.decoding import generate
+    from edgekit.runtimes.decoding.drafters import make_drafter
+
+    eos = tok.eos if tok is not None else None
+    drafter = None if drafter_name == "none" else make_drafter(drafter_name, target, **options)
+    if drafter is None and options:
+        raise UserError("drafter settings were given but --drafter is none; pick a drafter")
+    generate(target, None, ids, min(4, max_new_tokens), eos=eos)  # warm-up: first calls pay for allocations
+    g = generate(target, drafter, ids, max_new_tokens, temperature, seed, eos)
+    out = {
+        "tokens": g.tokens, "text": tok.decode(g.tokens) if tok is not None else None, "new_tokens": len(g.tokens),
+        "seconds": g.seconds, "tokens_per_s": g.tokens_per_s, "passes": g.steps, "tokens_per_pass": g.mean_accepted,
+        "drafter": drafter_name, "temperature": temperature,
+    }
+    if compare:
+        if temperature > 0:
+            raise UserError("--compare checks identity with plain greedy; drop --temperature")
+        plain = generate(target, None, ids, max_new_tokens, eos=eos)
+        out.update(plain_tokens_per_s=plain.tokens_per_s, speedup=plain.seconds / g.seconds if g.seconds else 0.0, identical_to_plain=plain.tokens == g.tokens)
+    return out
+
+
+@cli.command("train-drafter")
+@click.argument("model", metavar="MODEL")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="Text to train on (the model's own domain).")
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path), help="Where the head's .npz goes.")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--depth", type=click.IntRange(min=1), default=4, show_default=True, help="Tokens the head drafts per pass.")
+@click.option("--arch", help="Zoo architecture for a torch:FILE state dict.")
+@click.option("--tokenizer", help="bytes, or a folder with Hugging Face tokenizer files (default: what the model says).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_drafter(model: str, text_file: Path, out_file: Path, steps: int, depth: int, arch: str | None, tokenizer: str | None, seed: int) -> None:
+    """Train the Chimera-style draft head (--drafter head) for MODEL on a text file; the model stays frozen."""
+    import numpy as np
+
+    from edgekit.errors import UserError
+    from edgekit.runtimes.decoding.drafters.head import train_head
+    from edgekit.runtimes.decoding.load import tokenizer_for, torch_module
+
+    if not text_file.is_file():
+        raise UserError(f"--text {text_file} does not exist; pass a text file")
+    if not out_file.parent.is_dir():
+        raise UserError(f"--out: the folder {out_file.parent} does not exist; create it first")
+    module, meta = torch_module(model, arch)
+    tok = tokenizer_for(meta, tokenizer)
+    if tok is None:
+        raise UserError(f"{model} names no tokenizer; pass --tokenizer bytes or a tokenizer folder")
+    tokens = np.asarray(tok.encode(text_file.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
+    weights = train_head(module, tokens, steps=steps, depth=depth, seed=seed, log=lambda m: click.echo(m, err=True))
+    weights.save(out_file)
+    click.echo(f"wrote {out_file} (depth {weights.depth}, width {weights.dim}, vocabulary {weights.vocab})")
+
+
+def _parse_options(items: tuple[str, ...]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} must look like KEY=VALUE, e.g. size=32", param_hint="--drafter-option")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} must be comma-separated integers, e.g. 1,45,72", param_hint="--prompt-ids") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="edgekit", standalone_mode=False)

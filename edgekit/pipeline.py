@@ -225,7 +225,8 @@ class Pipeline:
             pass_seconds = time.perf_counter() - started
             saved = artifact.save(workdir)
             probe_started = time.perf_counter()
-            metrics = {**ctx.metrics, **self._probe(saved)}
+            # the decoding bench times the final compressed model only (its drafters are a runtime choice)
+            metrics = {**ctx.metrics, **self._probe(saved, decoding=index == len(self.recipe.compress))}
             manifest = {
                 "id": folder.name,
                 "index": index,
@@ -254,7 +255,7 @@ class Pipeline:
             return [feeds[i % len(feeds)] for i in range(n)]
         return [{s.name: s.random(self.dims, seed=i) for s in self.source.inputs} for i in range(n)]
 
-    def _probe(self, artifact: Artifact) -> dict[str, Any]:
+    def _probe(self, artifact: Artifact, decoding: bool = False) -> dict[str, Any]:
         from edgekit.profile import profile_artifact
 
         metrics: dict[str, Any] = {}
@@ -268,7 +269,43 @@ class Pipeline:
             bench = self._bench(artifact)
             if bench:
                 metrics["bench"] = bench
+        if decoding and self.recipe.bench is not None and self.recipe.bench.decoding is not None and artifact.format == "torch":
+            decoding = self._bench_decoding(artifact)
+            if decoding:
+                metrics["decoding"] = decoding
         return metrics
+
+    def _bench_decoding(self, artifact: Artifact) -> dict[str, Any] | None:
+        """Drafters against plain greedy decoding on this step's language model (torch, batch 1)."""
+        from edgekit.runtimes.decoding.compare import compare_drafters
+        from edgekit.runtimes.decoding.drafters import make_drafter
+        from edgekit.runtimes.decoding.target import TorchTarget
+
+        d = self.recipe.bench.decoding
+        try:
+            target = TorchTarget(artifact.torch_module())
+        except UserError as e:
+            self.out.log(f"  [dim]skip decoding bench: {e}[/dim]")
+            return None
+        options = {name: {k: (self.recipe.resolve(v) if k == "weights" else v) for k, v in d.options.get(name, {}).items()} for name in d.drafters}
+        for name in d.drafters:
+            make_drafter(name, target, **options[name])  # a wrong setting fails here, before any timing
+        rows = self._samples(d.prompts) if self.data is None or not self.data.has_split("eval") else self.data.split("eval").feeds(d.prompts)
+        prompts = [np.asarray(r["input_ids"]).reshape(-1)[: d.prompt_tokens].tolist() for r in rows]
+        threads = min(self.recipe.bench.threads)
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            self.out.log(f"  decoding bench torch threads={threads}: plain, {', '.join(d.drafters)} on {len(prompts)} prompts")
+            table = compare_drafters(
+                target, prompts, {n: (lambda n=n: make_drafter(n, target, **options[n])) for n in d.drafters}, d.max_new_tokens, d.rounds
+            )
+        finally:
+            torch.set_num_threads(previous)
+        return {"rows": table, "threads": threads, "prompts": len(prompts), "prompt_tokens": d.prompt_tokens,
+                "max_new_tokens": d.max_new_tokens, "rounds": d.rounds}
 
     def _bench_generation(self, artifact: Artifact) -> list[dict[str, Any]]:
         """A generation export on ONNX Runtime: time to the first token and tokens per second,

@@ -108,6 +108,26 @@ class DataSection(Strict):
         return v
 
 
+class DecodingBench(Strict):
+    """Speculative decoding of a language model step, against plain greedy decoding (torch, batch 1)."""
+
+    drafters: list[Literal["ngram", "aded", "swift", "head"]] = Field(
+        default_factory=lambda: ["ngram", "aded", "swift"], description="drafters to compare with plain greedy decoding"
+    )
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="settings per drafter, e.g. {aded: {size: 32}}; head needs {head: {weights: FILE}}")
+    prompts: int = Field(4, ge=1, description="prompts, the starts of the eval (else calibration) samples")
+    prompt_tokens: int = Field(64, ge=1, description="tokens of each prompt")
+    max_new_tokens: int = Field(64, ge=1)
+    rounds: int = Field(3, ge=1, description="rounds of every variant; speed-ups are medians of per-round ratios")
+
+    @model_validator(mode="after")
+    def _options_of_chosen(self) -> "DecodingBench":
+        extra = [k for k in self.options if k not in self.drafters]
+        if extra:
+            raise ValueError(f"options for {', '.join(extra)}, which drafters does not list; add it there or drop its options")
+        return self
+
+
 class BenchSection(Strict):
     runtimes: list[Literal["onnxruntime", "litert", "tvm", "torch", "blockffn"]] = Field(
         default_factory=lambda: ["onnxruntime"],
@@ -125,6 +145,7 @@ class BenchSection(Strict):
     repeats: int = Field(50, ge=1)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     isolate: bool = Field(True, description="time each model in its own process (clean peak RSS, no idle thread pools)")
+    decoding: DecodingBench | None = Field(None, description="speculative decoding of language-model steps (torch), drafters against plain greedy")
 
 
     @field_validator("device")

@@ -141,6 +141,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "Accuracy is measured on the recipe's eval split; Δ columns compare each step with the source. "
               "Latency and throughput: batch 1 with the fewest threads benchmarked (every measurement is under Benchmarks)."]
     from edgekit.report_blockffn import render_blockffn_section
+    from edgekit.report_decoding import render_decoding_section
     from edgekit.report_encdec import render_encdec_section
     from edgekit.report_fpga import render_fpga_section
     from edgekit.report_prune import render_prune_section
@@ -152,6 +153,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += render_tokens_section(steps)
     lines += render_blockffn_section(steps)
     lines += render_encdec_section(steps)
+    lines += render_decoding_section(steps)
     lines += render_fpga_section(steps)
     lines += render_quant_section(steps)
     lines += _bench_section(steps)

@@ -216,20 +216,55 @@ class DecoderLM(_Embedded):
         """Logits; padding at the end of a row (``attention_mask`` 0) does not affect the tokens before it."""
         return self.step(input_ids)[0]
 
-    def step(self, input_ids: torch.Tensor, past: list[KV] | None = None, last_only: bool = False) -> tuple[torch.Tensor, list[KV]]:
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        past: list[KV] | None = None,
+        last_only: bool = False,
+        positions: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+        skip: frozenset[int] | set[int] = frozenset(),
+    ) -> tuple[torch.Tensor, list[KV]]:
         """Logits for ``input_ids (batch, t)`` following the cached ``past`` (only the last position's
-        with ``last_only``: generation needs no more, and a prompt's other logits cost t x vocab), and the extended cache."""
+        with ``last_only``: generation needs no more, and a prompt's other logits cost t x vocab), and the extended cache.
+
+        Speculative decoding passes the rest: ``positions (t,)`` (default: right after the cache),
+        ``tree_mask (t, t)`` bool, which new token sees which (default causal; every new token sees the
+        whole cache), and ``skip``, layer indices run as identity (a self-draft; their cache is passed through).
+        """
         start = 0 if past is None else past[0][0].shape[2]
         t = input_ids.shape[1]
-        positions = (torch.arange(t) + start).unsqueeze(0).expand(input_ids.shape[0], t)
-        rope = rope_tables(positions, self.cfg.hd, self.cfg.rope_theta)
-        allowed = causal_allowed(t, start + t)
+        if positions is None:
+            positions = torch.arange(t) + start
+        rope = rope_tables(positions.unsqueeze(0).expand(input_ids.shape[0], t), self.cfg.hd, self.cfg.rope_theta)
+        masks: dict[int, torch.Tensor] = {}  # by cache length: skipped layers' caches lag behind in a self-draft
+
+        def allowed(n_past: int) -> torch.Tensor:
+            if n_past not in masks:
+                masks[n_past] = causal_allowed(t, n_past + t) if tree_mask is None else tree_allowed(tree_mask, n_past)
+            return masks[n_past]
+
         x = self.embed_tokens(input_ids)
         cache: list[KV] = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, rope, allowed, None if past is None else past[i])
+            if i in skip:
+                cache.append(past[i] if past is not None else _empty_kv(x, self.cfg))
+                continue
+            n_past = 0 if past is None else past[i][0].shape[2]
+            x, kv = layer(x, rope, allowed(n_past), None if past is None else past[i])
             cache.append(kv)
         return self._logits(x[:, -1:] if last_only else x), cache
+
+
+def tree_allowed(tree_mask: torch.Tensor, n_past: int) -> torch.Tensor:
+    """(1, 1, t, n_past + t): every new token sees the whole cache, and the new tokens ``tree_mask`` allows."""
+    t = tree_mask.shape[0]
+    return torch.cat([torch.ones(t, n_past, dtype=torch.bool), tree_mask.to(torch.bool)], dim=1).reshape(1, 1, t, n_past + t)
+
+
+def _empty_kv(x: torch.Tensor, cfg: LMConfig) -> KV:
+    empty = x.new_zeros(x.shape[0], cfg.kv_heads, 0, cfg.hd)
+    return empty, empty
 
 
 def centred_positions(attention_mask: torch.Tensor) -> torch.Tensor:

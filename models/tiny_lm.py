@@ -41,7 +41,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, past: KV | None = None, tree_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         b, t = x.shape[0], x.shape[1]
         q, k, v = (z.reshape(b, t, self.heads, self.head_dim).transpose(1, 2) for z in self.qkv(x).split(self.dim, dim=-1))
         if past is not None:
@@ -51,6 +51,8 @@ class CausalSelfAttention(nn.Module):
         n_keys = k.shape[2]
         q_pos = torch.arange(t, device=x.device) + (n_keys - t)
         allowed = torch.arange(n_keys, device=x.device).unsqueeze(0) <= q_pos.unsqueeze(1)
+        if tree_mask is not None:  # speculative tree: the new tokens see the cache and their own ancestors
+            allowed = torch.cat([allowed[:, : n_keys - t], tree_mask.to(torch.bool)], dim=1)
         att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
         y = (att @ v).transpose(1, 2).reshape(b, t, self.dim)
         return self.proj(y), (k, v)
@@ -64,8 +66,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(dim)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
-        a, kv = self.attn(self.attn_norm(x), past)
+    def forward(self, x: torch.Tensor, past: KV | None = None, tree_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+        a, kv = self.attn(self.attn_norm(x), past, tree_mask)
         x = x + a
         return x + self.ffn(self.ffn_norm(x)), kv
 
@@ -121,18 +123,33 @@ class TinyLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.step(input_ids)[0]
 
-    def step(self, input_ids: torch.Tensor, past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        past: list[KV] | None = None,
+        positions: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+        skip: frozenset[int] | set[int] = frozenset(),
+    ) -> tuple[torch.Tensor, list[KV]]:
         """Logits for ``input_ids (batch, t)`` that follow the cached ``past`` (one (k, v) per block),
-        and the cache extended by these tokens."""
+        and the cache extended by these tokens. Speculative decoding passes ``positions (t,)``,
+        ``tree_mask (t, t)`` (which new token sees which; default causal) and ``skip`` (blocks run as
+        identity, their cache passed through), as in :meth:`DecoderLM.step <edgekit.models.encdec.DecoderLM.step>`."""
         start = 0 if past is None else past[0][0].shape[2]
         t = input_ids.shape[1]
-        if not torch.jit.is_tracing() and start + t > self.max_seq:
-            raise UserError(f"this model handles at most {self.max_seq} tokens, asked for {start + t}; shorten the prompt or the generation")
-        positions = torch.arange(t, device=input_ids.device) + start
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device) + start
+        end = int(positions.max()) + 1 if t and not torch.jit.is_tracing() else start + t
+        if not torch.jit.is_tracing() and end > self.max_seq:
+            raise UserError(f"this model handles at most {self.max_seq} tokens, asked for {end}; shorten the prompt or the generation")
         x = self.embed(input_ids) + self.pos(positions)
         cache: list[KV] = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if past is None else past[i])
+            if i in skip:
+                empty = x.new_zeros(x.shape[0], block.attn.heads, 0, block.attn.head_dim)
+                cache.append(past[i] if past is not None else (empty, empty))
+                continue
+            x, kv = block(x, None if past is None else past[i], tree_mask)
             cache.append(kv)
         return self.norm(x) @ self.embed.weight.t(), cache
 

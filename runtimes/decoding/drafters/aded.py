@@ -1,0 +1,104 @@
+"""ADED-style drafting: an adaptive tri-gram model of the output, searched into a draft tree.
+
+After "Adaptive Draft-Verification for Efficient Large Language Model Decoding" (Liu et al.,
+2024). A tri-gram table (with a bi-gram back-off) stands in for the model's next-token
+distribution. It may be seeded with a corpus (the model's training text, or text the model
+generated) and it adapts while decoding: every token the model commits is counted, with a
+weight above the corpus's, so the table follows what this model writes for this prompt.
+
+The draft is a tree: starting from the pending token, the most probable unexpanded node (by
+the product of the table's conditional probabilities along its path) is expanded with its
+``width`` likeliest next tokens, until ``size`` nodes are drafted or no node reaches
+``depth``. ADED searches with Monte Carlo tree search; this best-first expansion is its
+deterministic core (it spends the node budget where the expected accepted length grows most)
+without rollouts, which a budget of a few dozen nodes does not need.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+
+import numpy as np
+
+from edgekit.errors import UserError
+from edgekit.runtimes.decoding.verify import Draft, Drafter
+
+
+def corpus_counts(tokens: np.ndarray) -> tuple[dict, dict]:
+    """Tri-gram and bi-gram counts of a 1-D token array: {(a, b): {c: n}}, {b: {c: n}}."""
+    t = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    tri: dict = defaultdict(dict)
+    bi: dict = defaultdict(dict)
+    if len(t) >= 3:
+        keys, counts = np.unique(np.stack([t[:-2], t[1:-1], t[2:]], axis=1), axis=0, return_counts=True)
+        for (a, b, c), n in zip(keys.tolist(), counts.tolist()):
+            tri[(a, b)][c] = float(n)
+    if len(t) >= 2:
+        keys, counts = np.unique(np.stack([t[:-1], t[1:]], axis=1), axis=0, return_counts=True)
+        for (b, c), n in zip(keys.tolist(), counts.tolist()):
+            bi[b][c] = float(n)
+    return dict(tri), dict(bi)
+
+
+class AdedDrafter(Drafter):
+    name = "aded"
+
+    def __init__(self, corpus: np.ndarray | None = None, size: int = 24, depth: int = 8, width: int = 3, adapt_weight: float = 4.0):
+        if size < 1 or depth < 1 or width < 1:
+            raise UserError(f"aded drafter: size, depth and width must be >= 1, got {size}, {depth}, {width}")
+        self.size, self.depth, self.width, self.adapt_weight = size, depth, width, adapt_weight
+        self.corpus_tri, self.corpus_bi = corpus_counts(corpus) if corpus is not None else ({}, {})
+
+    def start(self, prompt, temperature, rng):
+        super().start(prompt, temperature, rng)
+        self.tri: dict = defaultdict(lambda: defaultdict(float))
+        self.bi: dict = defaultdict(lambda: defaultdict(float))
+        self.counted = 0
+        self._count(prompt)
+
+    def _count(self, context: list[int]) -> None:
+        """Count the n-grams ending at tokens not counted yet (the table adapts to the output)."""
+        w = self.adapt_weight
+        for j in range(max(self.counted, 1), len(context)):
+            self.bi[context[j - 1]][context[j]] += w
+            if j >= 2:
+                self.tri[(context[j - 2], context[j - 1])][context[j]] += w
+        self.counted = max(self.counted, len(context))
+
+    def next_tokens(self, a: int, b: int) -> list[tuple[int, float]]:
+        """The ``width`` likeliest tokens after (a, b) with their conditional probabilities."""
+        for table, key, corpus in ((self.tri, (a, b), self.corpus_tri), (self.bi, b, self.corpus_bi)):
+            merged = dict(corpus.get(key, {}))
+            for c, n in table.get(key, {}).items():
+                merged[c] = merged.get(c, 0.0) + n
+            total = sum(merged.values())
+            if total > 0:
+                best = heapq.nlargest(self.width, merged.items(), key=lambda kv: kv[1])
+                return [(c, n / total) for c, n in best]
+        return []
+
+    def propose(self, context: list[int], hidden: np.ndarray, max_depth: int) -> Draft:
+        self._count(context[:-1])  # the pending token is not committed yet
+        depth_cap = min(self.depth, max_depth)
+        if depth_cap < 1 or len(context) < 2:
+            return Draft()
+        draft = Draft()
+        # heap of (-path probability, tie-break, node index (-1: the pending token), last two tokens, depth)
+        heap = [(-1.0, 0, -1, (context[-2], context[-1]), 0)]
+        order = 1
+        while heap and len(draft) < self.size:
+            neg_p, _, node, (a, b), d = heapq.heappop(heap)
+            if d >= depth_cap:
+                continue
+            for c, q in self.next_tokens(a, b):
+                if len(draft) >= self.size:
+                    break
+                draft.tokens.append(c)
+                draft.parents.append(node)
+                heapq.heappush(heap, (neg_p * q, order, len(draft) - 1, (b, c), d + 1))
+                order += 1
+        return draft
+
+    def observe(self, context, draft, accepted):
+        self._count(context[:-1])
