@@ -7,7 +7,8 @@ the others, so the cache again holds exactly what a plain run over the accepted 
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -52,6 +53,17 @@ def check_feed(tokens: Sequence[int], positions, tree_mask, vocab: int, length: 
     return ids, pos, mask
 
 
+@contextmanager
+def final_hidden(model) -> Iterator[list]:
+    """Collect the outputs of ``model.norm`` (the final hidden states the LM head reads) while inside."""
+    seen: list = []
+    handle = model.norm.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 class TorchTarget(Target):
     """edgekit's ``DecoderLM`` (incl. Hugging Face Llama / Qwen2 / Mistral checkpoints converted into it)
     or ``TinyLM`` (incl. BlockFFN models on the sparse kernels) in torch, at batch 1.
@@ -77,8 +89,6 @@ class TorchTarget(Target):
         self.layers = len(model.layers) if isinstance(model, DecoderLM) else len(model.blocks)
         self.vocab = int(model.cfg.vocab if isinstance(model, DecoderLM) else model.vocab)
         self.max_len = getattr(model, "max_seq", None)
-        self._hidden: list = []
-        model.norm.register_forward_hook(lambda _m, _i, out: self._hidden.append(out))
         self.cache: list | None = None
         self.length = 0
 
@@ -87,13 +97,12 @@ class TorchTarget(Target):
 
     def _step(self, ids, pos, mask, past, skip=frozenset()):
         torch = self.torch
-        self._hidden.clear()
-        with torch.inference_mode():
+        with torch.inference_mode(), final_hidden(self.model) as hidden:
             logits, cache = self.model.step(
                 torch.from_numpy(ids).unsqueeze(0), past, positions=torch.from_numpy(pos),
                 tree_mask=None if mask is None else torch.from_numpy(mask), skip=skip,
             )
-        return logits[0], self._hidden[-1][0], cache
+        return logits[0], hidden[-1][0], cache
 
     def forward(self, tokens, positions=None, tree_mask=None):
         ids, pos, mask = check_feed(tokens, positions, tree_mask, self.vocab, self.length)
@@ -114,6 +123,8 @@ class TorchTarget(Target):
 
     def keep(self, start, indices):
         idx = list(indices)
+        if self.cache is None and start == 0 and not idx:
+            return
         if start > self.length or any(i < 0 or start + i >= self.length for i in idx):
             raise UserError(f"cannot keep tokens {idx} after {start} of a cache holding {self.length}")
         torch = self.torch

@@ -132,7 +132,7 @@ def train_head(
     import torch
     import torch.nn.functional as F
 
-    from edgekit.runtimes.decoding.target import TorchTarget
+    from edgekit.runtimes.decoding.target import TorchTarget, final_hidden
 
     target = TorchTarget(model)  # checks the model kind; its hook collects the final hidden states
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -155,10 +155,9 @@ def train_head(
     for step in range(steps):
         starts = rng.integers(0, len(tokens) - seq, size=batch)
         x = torch.from_numpy(np.stack([tokens[s : s + seq] for s in starts]))
-        with torch.inference_mode():
-            target._hidden.clear()
+        with torch.inference_mode(), final_hidden(model) as seen:
             logits, _ = model.step(x)
-            h_all = target._hidden[-1].clone()
+            h_all = seen[-1].clone()
             greedy = logits.argmax(-1)
         h_all = h_all.detach()
         losses = []
