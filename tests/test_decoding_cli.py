@@ -110,3 +110,24 @@ def test_recipe_rejects_options_for_a_drafter_it_does_not_run(tmp_path, monkeypa
     recipe = write_recipe(tmp_path, RECIPE.format(decoding="{drafters: [ngram], options: {aded: {size: 8}}}"))
     assert run_cli(["recipe", "validate", str(recipe)]) == 2
     assert "options for aded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_generate_on_a_hugging_face_llama_matches_its_own_greedy(tmp_path, monkeypatch, capsys, runtime):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "llama")
+    prompt = [5, 9, 11, 5, 9, 11, 5, 9]
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+    for drafter in ("aded", "ngram") + (("swift",) if runtime == "torch" else ()):
+        code = run_cli(["generate", f"hf:{tmp_path / 'llama'}", "--prompt-ids", ",".join(map(str, prompt)), "--drafter", drafter,
+                        "--max-new-tokens", "12", "--runtime", runtime, "--json"])
+        assert code == 0
+        assert json.loads(capsys.readouterr().out)["tokens"] == theirs, drafter
