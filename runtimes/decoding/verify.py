@@ -230,7 +230,7 @@ def generate(
     draft_seconds = 0.0
     if drafter is not None:
         drafter.start(prompt, temperature, rng)
-    while len(out) < max_new_tokens and not (eos is not None and out[-1] == eos):
+    while len(out) < max_new_tokens and not (eos is not None and eos in out):  # eos may come inside an accepted draft
         draft = Draft()
         if drafter is not None:
             t = time.perf_counter()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -67,13 +68,20 @@ class HeadWeights:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"draft head weights {path} do not exist; train them with `edgekit train-drafter`")
+        unreadable = (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile)
         try:
-            with np.load(path, allow_pickle=False) as z:
+            z = np.load(path, allow_pickle=False)
+        except unreadable as e:
+            raise UserError(f"{path} is not a draft head file ({type(e).__name__}); train one with `edgekit train-drafter`") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise UserError(f"{path} holds a single array, not a draft head .npz; train one with `edgekit train-drafter`")
+        with z:
+            try:
                 if int(z["format"]) != FORMAT:
                     raise UserError(f"{path} is a draft head of format {int(z['format'])}, this edgekit reads {FORMAT}; retrain it")
                 return cls(z["w1"], z["b1"], z["w2"], z["depth_bias"], int(z["vocab"]))
-        except (KeyError, ValueError, OSError) as e:
-            raise UserError(f"{path} is not a draft head file ({e}); train one with `edgekit train-drafter`") from None
+            except unreadable as e:
+                raise UserError(f"{path} is not a draft head file ({type(e).__name__}: {e}); train one with `edgekit train-drafter`") from None
 
 
 class HeadDrafter(Drafter):
