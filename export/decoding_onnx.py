@@ -1,6 +1,6 @@
-"""ONNX export of a DecoderLM as a speculative-decoding verifier (run by ``runtimes/decoding/ort_target.py``).
+"""ONNX export of a DecoderLM or TinyLM as a speculative-decoding verifier (run by ``runtimes/decoding/ort_target.py``).
 
-``verifier.onnx`` is ``DecoderLM.step`` with explicit positions and tree mask, returning the
+``verifier.onnx`` is the model's ``step`` with explicit positions and tree mask, returning the
 logits and final hidden state of every fed position (a draft is verified in one pass, and a
 trained draft head reads the hidden state). ``embedding.npy`` (and ``lm_head.npy`` for an
 untied head) carry the weights such a head needs without torch; ``verifier.json`` the rest.
@@ -38,7 +38,7 @@ PARITY_RTOL = 1e-4  # of the largest |logit|: float32 reordering in ORT stays fa
 
 
 class _Verifier(nn.Module):
-    """DecoderLM.step with positions and tree mask: (input_ids, position_ids, tree_mask, *past) -> (logits, hidden, *present)."""
+    """The model's step with positions and tree mask: (input_ids, position_ids, tree_mask, *past) -> (logits, hidden, *present)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -56,33 +56,45 @@ class _Verifier(nn.Module):
         return (logits, seen[-1], *_flat(cache))
 
 
-def verifier_meta(module: nn.Module) -> dict[str, Any]:
+def _layout(module: nn.Module) -> dict[str, Any]:
+    """Cache shapes, vocabulary and the embedding / untied LM head of a DecoderLM or TinyLM."""
     from edgekit.models.encdec import DecoderLM
+    from edgekit.models.tiny_lm import TinyLM
 
-    if not isinstance(module, DecoderLM):
-        raise UserError(
-            f"the speculative-decoding verifier exports edgekit's DecoderLM (Llama / Qwen2 / Mistral checkpoints convert into it), "
-            f"not {type(module).__name__}; convert the model or decode it on torch"
-        )
-    cfg = module.cfg
-    files = {"graph": GRAPH_FILE, "embedding": EMBEDDING_FILE} | ({} if cfg.tie_embeddings else {"lm_head": HEAD_FILE})
+    if isinstance(module, DecoderLM):
+        cfg = module.cfg
+        return {"layers": cfg.layers, "kv_heads": cfg.kv_heads, "head_dim": cfg.hd, "vocab": cfg.vocab, "dim": cfg.dim,
+                "tokens": {"bos": cfg.bos, "eos": cfg.eos, "pad": cfg.pad}, "embedding": module.embed_tokens.weight, "lm_head": module.lm_head}
+    if isinstance(module, TinyLM):
+        attn = module.blocks[0].attn
+        return {"layers": len(module.blocks), "kv_heads": attn.heads, "head_dim": attn.head_dim, "vocab": module.vocab, "dim": module.dim,
+                "tokens": {}, "embedding": module.embed.weight, "lm_head": None, "max_len": module.max_seq}
+    raise UserError(
+        f"the speculative-decoding verifier exports edgekit's DecoderLM (Llama / Qwen2 / Mistral checkpoints convert into it) "
+        f"or TinyLM, not {type(module).__name__}; convert the model or decode it on torch"
+    )
+
+
+def verifier_meta(module: nn.Module) -> dict[str, Any]:
+    lay = _layout(module)
+    files = {"graph": GRAPH_FILE, "embedding": EMBEDDING_FILE} | ({} if lay["lm_head"] is None else {"lm_head": HEAD_FILE})
     return {
-        "kind": "verifier", "layers": cfg.layers, "kv_heads": cfg.kv_heads, "head_dim": cfg.hd, "vocab": cfg.vocab,
-        "dim": cfg.dim, "bos": cfg.bos, "eos": cfg.eos, "pad": cfg.pad, "files": files,
+        "kind": "verifier", **{k: lay[k] for k in ("layers", "kv_heads", "head_dim", "vocab", "dim")}, **lay["tokens"],
+        **({"max_len": lay["max_len"]} if "max_len" in lay else {}), "files": files,
         **({"tokenizer": "bytes"} if getattr(module, "tokenizer", None) == "bytes" else {}),  # byte-level: no tokenizer files needed
     }
 
 
 def _graph(module: nn.Module) -> _Graph:
-    cfg = module.cfg
+    cfg = _layout(module)
     gen = torch.Generator().manual_seed(0)
-    past, present = kv_names("past", cfg.layers), kv_names("present", cfg.layers)
+    past, present = kv_names("past", cfg["layers"]), kv_names("present", cfg["layers"])
     t = TRACE_TOKENS  # traced with t != past length, both > 1, so neither is baked in
     args = (
-        torch.randint(0, cfg.vocab, (1, t), generator=gen),
+        torch.randint(0, cfg["vocab"], (1, t), generator=gen),
         torch.arange(TRACE_PAST, TRACE_PAST + t),
         torch.ones(t, t, dtype=torch.bool).tril(),
-        *(torch.randn(1, cfg.kv_heads, TRACE_PAST, cfg.hd, generator=gen) for _ in past),
+        *(torch.randn(1, cfg["kv_heads"], TRACE_PAST, cfg["head_dim"], generator=gen) for _ in past),
     )
     axes = {
         "input_ids": {1: "tokens"}, "position_ids": {0: "tokens"}, "tree_mask": {0: "tokens", 1: "tokens"},
@@ -114,9 +126,10 @@ def export_verifier(module: nn.Module, folder: Path, opset: int = 17) -> dict[st
             onnx.checker.check_model(str(scratch / GRAPH_FILE), full_check=True)
         except Exception as e:
             raise StepFailed(f"the exported {GRAPH_FILE} fails onnx.checker ({short_reason(e)}); try another opset") from None
-        np.save(scratch / EMBEDDING_FILE, module.embed_tokens.weight.detach().float().numpy())
-        if module.lm_head is not None:
-            np.save(scratch / HEAD_FILE, module.lm_head.weight.detach().float().numpy())
+        lay = _layout(module)
+        np.save(scratch / EMBEDDING_FILE, lay["embedding"].detach().float().numpy())
+        if lay["lm_head"] is not None:
+            np.save(scratch / HEAD_FILE, lay["lm_head"].weight.detach().float().numpy())
         (scratch / META_FILE).write_text(json.dumps(meta, indent=2))
         check_verifier(module, scratch)
         for name in meta["files"].values():
@@ -135,13 +148,14 @@ def check_verifier(module: nn.Module, folder: Path, seed: int = 0) -> float:
     :data:`PARITY_RTOL`."""
     from edgekit.runtimes.decoding.ort_target import OrtTarget
 
-    vocab = module.cfg.vocab
+    lay = _layout(module)
+    vocab = lay["vocab"]
     rng = np.random.default_rng(seed)
     ort_target = OrtTarget.load(folder, threads=1)
     reference = _Verifier(module.eval())
     tree = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=bool)  # root, two children, a grandchild
     feeds = [(5, None, None), (3, None, None), (4, np.array([8, 9, 9, 10]), tree)]  # after 5 + 3 cached tokens
-    past = [torch.zeros(1, module.cfg.kv_heads, 0, module.cfg.hd) for _ in range(2 * module.cfg.layers)]
+    past = [torch.zeros(1, lay["kv_heads"], 0, lay["head_dim"]) for _ in range(2 * lay["layers"])]
     worst = 0.0
     for i, (t, positions, mask) in enumerate(feeds):
         ids = rng.integers(0, vocab, size=t, dtype=np.int64)

@@ -139,9 +139,10 @@ class TinyLM(nn.Module):
         t = input_ids.shape[1]
         if positions is None:
             positions = torch.arange(t, device=input_ids.device) + start
-        end = int(positions.max()) + 1 if t and not torch.jit.is_tracing() else start + t
-        if not torch.jit.is_tracing() and end > self.max_seq:
-            raise UserError(f"this model handles at most {self.max_seq} tokens, asked for {end}; shorten the prompt or the generation")
+        if not torch.jit.is_tracing():  # a traced size is a tensor: no Python checks on it
+            end = int(positions.max()) + 1 if t else start
+            if end > self.max_seq:
+                raise UserError(f"this model handles at most {self.max_seq} tokens, asked for {end}; shorten the prompt or the generation")
         x = self.embed(input_ids) + self.pos(positions)
         cache: list[KV] = []
         for i, block in enumerate(self.blocks):

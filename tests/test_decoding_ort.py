@@ -130,3 +130,20 @@ def test_missing_or_wrong_export_is_a_user_error(tmp_path, exported):
 def test_ort_target_does_not_import_torch():
     code = "import sys, edgekit.runtimes.decoding.ort_target; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_tinylm_with_blockffn_exports_a_verifier_that_decodes_like_torch(tmp_path):
+    from edgekit.models.tiny_lm import TinyLM
+
+    torch.manual_seed(0)
+    model = scrambled_weights(TinyLM(dim=32, layers=3, heads=4, ffn=64, max_seq=64, experts=4), 0).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # no size baked into the graph
+        meta = export_verifier(model, tmp_path / "v")
+    assert meta["max_len"] == 64 and meta["tokenizer"] == "bytes" and meta["kv_heads"] == 4
+    ort_target, torch_target = OrtTarget.load(tmp_path / "v"), TorchTarget(model)
+    want = generate(torch_target, None, PROMPT, 20).tokens
+    for name in ("ngram", "aded"):
+        assert generate(ort_target, make_drafter(name, ort_target), PROMPT, 20).tokens == want, name
+    with pytest.raises(UserError, match="at most 64 tokens"):
+        generate(ort_target, None, PROMPT, 60)

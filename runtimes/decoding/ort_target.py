@@ -24,10 +24,10 @@ FIX = "re-export the model with edgekit.export.decoding_onnx.export_verifier"
 class OrtTarget(Target):
     """A verifier export on ONNX Runtime, at batch 1; the contract is :class:`TorchTarget`'s."""
 
-    max_len = None  # rotary positions: the graph has no length limit of its own
-
     def __init__(self, session: Any, meta: dict[str, Any], folder: Path):
         self.session, self.meta, self.folder = session, meta, folder
+        # learned positions (TinyLM) end at max_len; rotary ones (DecoderLM) have no limit of their own
+        self.max_len = int(meta["max_len"]) if meta.get("max_len") else None
         self.layers, self.vocab = int(meta["layers"]), int(meta["vocab"])
         self.kv_heads, self.head_dim, self.dim = int(meta["kv_heads"]), int(meta["head_dim"]), int(meta["dim"])
         self._past, self._present = kv_names("past", self.layers), kv_names("present", self.layers)
