@@ -3,8 +3,9 @@
 After "Adaptive Draft-Verification for Efficient Large Language Model Decoding" (Liu et al.,
 2024). A tri-gram table (with a bi-gram back-off) stands in for the model's next-token
 distribution. It may be seeded with a corpus (the model's training text, or text the model
-generated) and it adapts while decoding: every token the model commits is counted, with a
-weight above the corpus's, so the table follows what this model writes for this prompt.
+generated) and it adapts while decoding: every token the model commits is counted in a table
+of its own, which outweighs the corpus for a context once the output has continued that
+context a few times (``trust``), so the drafts follow what this model writes for this prompt.
 
 The draft is a tree: starting from the pending token, the most probable unexpanded node (by
 the product of the table's conditional probabilities along its path) is expanded with its
@@ -44,10 +45,12 @@ def corpus_counts(tokens: np.ndarray) -> tuple[dict, dict]:
 class AdedDrafter(Drafter):
     name = "aded"
 
-    def __init__(self, corpus: np.ndarray | None = None, size: int = 24, depth: int = 8, width: int = 3, adapt_weight: float = 4.0):
+    def __init__(self, corpus: np.ndarray | None = None, size: int = 24, depth: int = 8, width: int = 3, trust: float = 3.0):
         if size < 1 or depth < 1 or width < 1:
             raise UserError(f"aded drafter: size, depth and width must be >= 1, got {size}, {depth}, {width}")
-        self.size, self.depth, self.width, self.adapt_weight = size, depth, width, adapt_weight
+        if trust <= 0:
+            raise UserError(f"aded drafter: trust must be > 0, got {trust}")
+        self.size, self.depth, self.width, self.trust = size, depth, width, trust
         self.corpus_tri, self.corpus_bi = corpus_counts(corpus) if corpus is not None else ({}, {})
 
     def start(self, prompt, temperature, rng):
@@ -59,23 +62,28 @@ class AdedDrafter(Drafter):
 
     def _count(self, context: list[int]) -> None:
         """Count the n-grams ending at tokens not counted yet (the table adapts to the output)."""
-        w = self.adapt_weight
         for j in range(max(self.counted, 1), len(context)):
-            self.bi[context[j - 1]][context[j]] += w
+            self.bi[context[j - 1]][context[j]] += 1.0
             if j >= 2:
-                self.tri[(context[j - 2], context[j - 1])][context[j]] += w
+                self.tri[(context[j - 2], context[j - 1])][context[j]] += 1.0
         self.counted = max(self.counted, len(context))
 
     def next_tokens(self, a: int, b: int) -> list[tuple[int, float]]:
-        """The ``width`` likeliest tokens after (a, b) with their conditional probabilities."""
+        """The ``width`` likeliest tokens after (a, b) with their conditional probabilities.
+
+        The output's own counts and the corpus's are mixed as distributions, the output's with
+        weight n / (n + trust) after n occurrences of the context in it: a context the model has
+        already continued here soon follows the model rather than the corpus."""
         for table, key, corpus in ((self.tri, (a, b), self.corpus_tri), (self.bi, b, self.corpus_bi)):
-            merged = dict(corpus.get(key, {}))
-            for c, n in table.get(key, {}).items():
-                merged[c] = merged.get(c, 0.0) + n
-            total = sum(merged.values())
-            if total > 0:
-                best = heapq.nlargest(self.width, merged.items(), key=lambda kv: kv[1])
-                return [(c, n / total) for c, n in best]
+            own, prior = table.get(key, {}), corpus.get(key, {})
+            n_own, n_prior = sum(own.values()), sum(prior.values())
+            if n_own + n_prior == 0:
+                continue
+            w = 1.0 if n_prior == 0 else n_own / (n_own + self.trust)
+            mixed = {c: (1.0 - w) * n / n_prior for c, n in prior.items()} if n_prior else {}
+            for c, n in own.items():
+                mixed[c] = mixed.get(c, 0.0) + w * n / n_own
+            return heapq.nlargest(self.width, mixed.items(), key=lambda kv: kv[1])
         return []
 
     def propose(self, context: list[int], hidden: np.ndarray, max_depth: int) -> Draft:

@@ -156,7 +156,7 @@ def train_head(
     width = hidden or 2 * dim
     w1 = torch.nn.Parameter(torch.randn(3 * dim, width) * (3 * dim) ** -0.5)
     b1 = torch.nn.Parameter(torch.zeros(width))
-    w2 = torch.nn.Parameter(torch.zeros(width, dim))  # starts as the identity map on h: drafts the model's own next token
+    w2 = torch.nn.Parameter(torch.zeros(width, dim))  # starts as h itself (the model's next-token guess); training moves it ahead
     depth_bias = torch.nn.Parameter(torch.zeros(depth, width))
     params = [w1, b1, w2, depth_bias]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
