@@ -270,9 +270,9 @@ class Pipeline:
             if bench:
                 metrics["bench"] = bench
         if decoding and self.recipe.bench is not None and self.recipe.bench.decoding is not None and artifact.format == "torch":
-            decoding = self._bench_decoding(artifact)
-            if decoding:
-                metrics["decoding"] = decoding
+            drafting = self._bench_decoding(artifact)
+            if drafting:
+                metrics["decoding"] = drafting
         return metrics
 
     def _bench_decoding(self, artifact: Artifact) -> dict[str, Any] | None:

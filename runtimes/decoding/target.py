@@ -81,8 +81,8 @@ class TorchTarget(Target):
 
         if not isinstance(model, (DecoderLM, TinyLM)):
             raise UserError(
-                f"speculative decoding on torch runs edgekit's DecoderLM (Llama-family checkpoints convert into it) or TinyLM, not {type(model).__name__}; "
-                "convert the model or export it for ONNX Runtime"
+                f"speculative decoding runs edgekit's causal language models, DecoderLM or TinyLM, not {type(model).__name__}; "
+                "load a Llama / Qwen2 / Mistral checkpoint with hf:DIR (it converts into DecoderLM) or pick a zoo LM"
             )
         self.torch = torch
         self.model = model.eval()
