@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from edgekit import fsio
-from edgekit.machine import machine_info, versions
+from edgekit.machine import cpu_ticks, machine_info, versions
 from edgekit.runtimes.blockffn import SparseFFN, kernel_info, reference_experts, reference_router
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -336,11 +336,8 @@ def check_fixed(impl: dict[str, Callable[[int], Any]], layers: list[Layer], x: n
 
 def _jiffies() -> tuple[int, int]:
     """(busy CPU time of the whole machine, CPU time of this process), in clock ticks."""
-    with open("/proc/stat") as f:
-        v = [int(t) for t in f.readline().split()[1:9]]
-    with open("/proc/self/stat") as f:
-        own = f.read().rsplit(")", 1)[1].split()
-    return sum(v) - v[3] - v[4], int(own[11]) + int(own[12])  # minus idle and iowait; utime + stime
+    busy, _total, own = cpu_ticks()
+    return busy, own
 
 
 def time_block(fn: Callable[[int], Any], start: int, min_calls: int, seconds: float) -> tuple[float, int, float]:

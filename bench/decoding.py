@@ -52,7 +52,7 @@ import torch
 
 from edgekit import fsio
 from edgekit.errors import UserError
-from edgekit.machine import machine_info, versions
+from edgekit.machine import cpu_ticks, machine_info, versions
 from edgekit.runtimes.blockffn_runtime import attach_kernels
 from edgekit.runtimes.decoding import generate
 from edgekit.runtimes.decoding.compare import PLAIN, compare_drafters
@@ -177,25 +177,13 @@ def ort_target(model, folder: Path) -> tuple[Any, str | None]:
 
 
 class CpuShare:
-    """The share of all CPUs that other processes used while this one ran (from /proc/stat)."""
+    """The share of all CPUs that other processes used while this one ran."""
 
     def __init__(self):
-        self.start = self._read()
-
-    @staticmethod
-    def _read() -> tuple[float, float, float] | None:
-        try:
-            # user nice system idle iowait irq softirq steal (guest time is already in user)
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        tick = os.sysconf("SC_CLK_TCK")
-        idle = fields[3] + fields[4]  # idle + iowait
-        t = os.times()
-        return (sum(fields) - idle) / tick, sum(fields) / tick, t.user + t.system + t.children_user + t.children_system
+        self.start = cpu_ticks()
 
     def others(self) -> float | None:
-        end = self._read()
+        end = cpu_ticks()
         if self.start is None or end is None or end[1] <= self.start[1]:
             return None
         busy, total, ours = (e - s for e, s in zip(end, self.start))

@@ -71,3 +71,17 @@ def _memory_gb() -> float | None:
         return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def cpu_ticks() -> tuple[int, int, int] | None:
+    """(busy CPU time of the whole machine, all CPU time of the machine, CPU time of this process),
+    in clock ticks from /proc; None where /proc is missing. Benchmarks diff two readings to see how
+    much of the machine other processes used meanwhile."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return None
+    return sum(v) - v[3] - v[4], sum(v), int(own[11]) + int(own[12])  # minus idle and iowait; utime + stime

@@ -28,6 +28,7 @@ from edgekit.errors import StepFailed, UserError
 from edgekit.export.encdec_onnx import SINGLE_FILE_BYTES, TRACE_PAST, TRACE_TOKENS, _export_graph, _flat, _Graph, _pairs
 from edgekit.export.onnx import _custom_opsets
 from edgekit.export.verify import short_reason
+from edgekit.runtimes.decoding.target import final_hidden
 from edgekit.runtimes.generation import kv_names
 
 GRAPH_FILE = "verifier.onnx"
@@ -45,14 +46,9 @@ class _Verifier(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # step computes the final norm inside its logits; a hook hands us that output rather than
-        # recomputing it, so the hidden state is by construction what the LM head read
-        seen: list[torch.Tensor] = []
-        handle = self.model.norm.register_forward_hook(lambda _m, _i, out: seen.append(out))
-        try:
+        # the hidden state is the final norm's output as the LM head read it, not a recomputation
+        with final_hidden(self.model) as seen:
             logits, cache = self.model.step(input_ids, _pairs(past), positions=position_ids, tree_mask=tree_mask)
-        finally:
-            handle.remove()
         return (logits, seen[-1], *_flat(cache))
 
 

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from edgekit.errors import UserError
-from edgekit.runtimes.decoding.verify import Draft, Drafter, softmax
+from edgekit.runtimes.decoding.verify import Draft, Drafter, draw, softmax
 
 FORMAT = 1
 
@@ -113,7 +113,7 @@ class HeadDrafter(Drafter):
             logits = (h + a @ self.w.w2) @ self.lm_head.T
             q = softmax(logits, self.temperature if self.temperature > 0 else 1.0)
             if self.temperature > 0:
-                token = int(min(np.searchsorted(np.cumsum(q), self.rng.random() * q.sum()), len(q) - 1))
+                token = draw(q, self.rng)
                 probs.append(q)
             else:
                 token = int(logits.argmax())

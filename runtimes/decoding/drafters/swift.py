@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgekit.errors import UserError
-from edgekit.runtimes.decoding.verify import Draft, Drafter, softmax
+from edgekit.runtimes.decoding.verify import Draft, Drafter, draw, softmax
 
 
 class SwiftDrafter(Drafter):
@@ -80,7 +80,7 @@ class SwiftDrafter(Drafter):
             logits, past = self.target.draft_forward([token], np.array([position]), self.skip, past)
             if self.temperature > 0:
                 q = softmax(logits[-1], self.temperature)
-                token = int(min(np.searchsorted(np.cumsum(q), self.rng.random() * q.sum()), len(q) - 1))
+                token = draw(q, self.rng)
                 probs.append(q)
                 top = float(q.max())
             else:
