@@ -405,7 +405,8 @@ def generate_cmd(model: str, prompt: str | None, prompt_ids: str | None, drafter
         return
     click.echo(result["text"] if result["text"] is not None else ",".join(map(str, result["tokens"])))
     click.echo(f"{result['new_tokens']} tokens in {result['seconds']:.3f} s ({result['tokens_per_s']:.1f} tokens/s), "
-               f"{result['passes']} verification passes, {result['tokens_per_pass']:.2f} tokens per pass (drafter {drafter})", err=True)
+               f"{result['passes']} verification passes, {result['tokens_per_pass']:.2f} tokens per pass from "
+               f"{result['draft_tokens_per_pass']:.1f} draft tokens fed (drafter {drafter})", err=True)
     if compare:
         same = "identical to" if result["identical_to_plain"] else "DIFFERENT from"
         click.echo(f"plain greedy: {result['plain_tokens_per_s']:.1f} tokens/s; speed-up {result['speedup']:.2f}x; output {same} plain greedy", err=True)
@@ -421,10 +422,13 @@ def _generate(target, drafter_name, options, ids, max_new_tokens, temperature, s
     if drafter is None and options:
         raise UserError("drafter settings were given but --drafter is none; pick a drafter")
     generate(target, None, ids, min(4, max_new_tokens), eos=eos)  # warm-up: first calls pay for allocations
+    if drafter is not None:  # and the first budgeted draft profiles the target's passes
+        generate(target, drafter, ids, min(8, max_new_tokens), eos=eos)
     g = generate(target, drafter, ids, max_new_tokens, temperature, seed, eos)
     out = {
         "tokens": g.tokens, "text": tok.decode(g.tokens) if tok is not None else None, "new_tokens": len(g.tokens),
         "seconds": g.seconds, "tokens_per_s": g.tokens_per_s, "passes": g.steps, "tokens_per_pass": g.mean_accepted,
+        "draft_tokens_per_pass": sum(g.drafted) / g.steps if g.steps else 0.0,
         "drafter": drafter_name, "temperature": temperature,
     }
     if compare:

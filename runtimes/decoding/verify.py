@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from edgekit.errors import UserError
+from edgekit.runtimes.decoding.budget import PROFILE_SIZES, Calibration, best_size, pass_cost
 from edgekit.runtimes.decoding.target import Target
 
 
@@ -35,15 +36,18 @@ from edgekit.runtimes.decoding.target import Target
 class Draft:
     """Proposed tokens as a tree over the pending token: ``parents[i]`` is node i's parent (-1: the
     pending token; parents precede children); ``probs[i]``, if given, is the distribution node i's
-    token was drawn from (a chain only), None for a token the drafter chose deterministically."""
+    token was drawn from (a chain only), None for a token the drafter chose deterministically;
+    ``scores[i]``, if given, is the drafter's estimate that the model accepts node i (e.g. its path
+    probability), which lets the loop feed only the nodes worth their cost (``budget.py``)."""
 
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
     probs: list[np.ndarray | None] | None = None
+    scores: list[float] | None = None
 
     @classmethod
-    def chain(cls, tokens: Sequence[int], probs: list[np.ndarray | None] | None = None) -> "Draft":
-        return cls([int(t) for t in tokens], list(range(-1, len(tokens) - 1)), probs)
+    def chain(cls, tokens: Sequence[int], probs: list[np.ndarray | None] | None = None, scores: Sequence[float] | None = None) -> "Draft":
+        return cls([int(t) for t in tokens], list(range(-1, len(tokens) - 1)), probs, None if scores is None else [float(x) for x in scores])
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -59,25 +63,36 @@ class Draft:
 
     def limited(self, max_depth: int) -> "Draft":
         """The nodes at depth <= max_depth (a subtree: parents precede children)."""
-        if max_depth <= 0:
-            return Draft()
         depth = self.depths()
         if max(depth, default=0) <= max_depth:
             return self
-        new_index: dict[int, int] = {}
-        out = Draft(probs=[] if self.probs is not None else None)
-        for i, (tok, par) in enumerate(zip(self.tokens, self.parents)):
-            if depth[i] <= max_depth:
-                new_index[i] = len(out.tokens)
-                out.tokens.append(tok)
-                out.parents.append(-1 if par < 0 else new_index[par])
-                if out.probs is not None:
-                    out.probs.append(self.probs[i])
-        return out
+        return self.subset([i for i, d in enumerate(depth) if d <= max_depth])
+
+    def subset(self, nodes: Sequence[int]) -> "Draft":
+        """The given nodes (each with its parent among them), in the draft's order."""
+        keep = sorted(set(nodes))
+        new_index = {old: new for new, old in enumerate(keep)}
+        if any(self.parents[i] >= 0 and self.parents[i] not in new_index for i in keep):
+            raise ValueError("a draft subset must keep every kept node's parent")
+        return Draft(
+            [self.tokens[i] for i in keep],
+            [-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in keep],
+            None if self.probs is None else [self.probs[i] for i in keep],
+            None if self.scores is None else [self.scores[i] for i in keep],
+        )
+
+    def ranked(self) -> tuple[list[int], list[float]]:
+        """Node indices best score first, and the scores in that order. A child's score is capped at
+        its parent's and ties go to the earlier node, so every prefix of the order is a subtree."""
+        capped: list[float] = []
+        for s, p in zip(self.scores or [], self.parents):
+            capped.append(min(float(s), capped[p]) if p >= 0 else float(s))
+        order = sorted(range(len(capped)), key=lambda i: (-capped[i], i))
+        return order, [capped[i] for i in order]
 
     def check(self, vocab: int) -> None:
-        if len(self.parents) != len(self.tokens) or (self.probs is not None and len(self.probs) != len(self.tokens)):
-            raise UserError("a draft needs one parent (and, if any, one distribution) per token")
+        if len(self.parents) != len(self.tokens) or any(x is not None and len(x) != len(self.tokens) for x in (self.probs, self.scores)):
+            raise UserError("a draft needs one parent (and, if any, one distribution and one score) per token")
         seen: set[tuple[int, int]] = set()
         for i, (tok, par) in enumerate(zip(self.tokens, self.parents)):
             if not -1 <= par < i:
@@ -107,9 +122,11 @@ class Draft:
 class Drafter:
     """Where drafts come from. ``start`` sees the prompt, ``propose`` drafts after ``context`` (prompt +
     output, the pending token last) given the model's final hidden state at the last verified position,
-    and ``observe`` learns which of its tokens were accepted."""
+    and ``observe`` learns which of its tokens were accepted. A drafter whose drafts carry scores is
+    trimmed to the draft size worth its cost on the target unless its ``budget`` is off."""
 
     name = "none"
+    budget = True
 
     def start(self, prompt: list[int], temperature: float, rng: np.random.Generator) -> None:
         self.temperature, self.rng = temperature, rng
@@ -228,6 +245,7 @@ def generate(
     accepted: list[int] = []
     drafted: list[int] = []
     draft_seconds = 0.0
+    cost, calibration = None, Calibration()
     if drafter is not None:
         drafter.start(prompt, temperature, rng)
     while len(out) < max_new_tokens and not (eos is not None and eos in out):  # eos may come inside an accepted draft
@@ -236,17 +254,28 @@ def generate(
             t = time.perf_counter()
             # a pass yields the accepted draft tokens plus one, so deeper drafts could only overshoot
             draft = drafter.propose(prompt + out, last_hidden, max_new_tokens - len(out) - 1).limited(max_new_tokens - len(out) - 1)
-            draft_seconds += time.perf_counter() - t
             draft.check(target.vocab)
+            # greedy only: the trim follows measured times, and a sampled output must depend on its seed alone
+            if draft.scores is not None and drafter.budget and temperature <= 0 and len(draft):
+                if cost is None:  # the target's first budgeted draft profiles its passes (once per target)
+                    cost = pass_cost(target, room=(limit - target.length) if limit else PROFILE_SIZES[-1])
+                order, scores = draft.ranked()
+                draft = draft.subset(order[: best_size(scores, calibration.factor(), cost)])
+            draft_seconds += time.perf_counter() - t
         base = target.length
         tokens, positions, mask = draft.feed(pending, base)
+        t = time.perf_counter()
         logits, hidden = target.forward(tokens, positions, mask)
+        if cost is not None:
+            cost.observe(len(tokens), time.perf_counter() - t)
         path, pending = walk(logits, draft, temperature, rng)
         target.keep(base, path)
         out += [tokens[i] for i in path[1:]] + [pending]
         last_hidden = hidden[path[-1]]
         accepted.append(len(path) - 1)
         drafted.append(len(draft))
+        if draft.scores is not None:
+            calibration.update(draft.scores, len(path) - 1)
         if drafter is not None:
             t = time.perf_counter()
             drafter.observe(prompt + out, draft, len(path) - 1)

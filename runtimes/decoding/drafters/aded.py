@@ -12,7 +12,9 @@ the product of the table's conditional probabilities along its path) is expanded
 ``width`` likeliest next tokens, until ``size`` nodes are drafted or no node reaches
 ``depth``. ADED searches with Monte Carlo tree search; this best-first expansion is its
 deterministic core (it spends the node budget where the expected accepted length grows most)
-without rollouts, which a budget of a few dozen nodes does not need.
+without rollouts, which a budget of a few dozen nodes does not need. Every node carries its path
+probability as its score, so the verification loop feeds only as many nodes as pay for their
+cost on the target (``budget.py``).
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ def corpus_counts(tokens: np.ndarray) -> tuple[dict, dict]:
 class AdedDrafter(Drafter):
     name = "aded"
 
-    def __init__(self, corpus: np.ndarray | None = None, size: int = 24, depth: int = 8, width: int = 3, trust: float = 3.0):
+    def __init__(self, corpus: np.ndarray | None = None, size: int = 24, depth: int = 8, width: int = 3, trust: float = 3.0,
+                 budget: bool = True):
         if size < 1 or depth < 1 or width < 1:
             raise UserError(f"aded drafter: size, depth and width must be >= 1, got {size}, {depth}, {width}")
         if trust <= 0:
             raise UserError(f"aded drafter: trust must be > 0, got {trust}")
-        self.size, self.depth, self.width, self.trust = size, depth, width, trust
+        self.size, self.depth, self.width, self.trust, self.budget = size, depth, width, trust, budget
         self.corpus_tri, self.corpus_bi = corpus_counts(corpus) if corpus is not None else ({}, {})
 
     def start(self, prompt, temperature, rng):
@@ -58,15 +61,28 @@ class AdedDrafter(Drafter):
         self.tri: dict = defaultdict(lambda: defaultdict(float))
         self.bi: dict = defaultdict(lambda: defaultdict(float))
         self.counted = 0
+        # next_tokens by context, dropped when a count it read changes; a context answered from the
+        # bi-gram back-off is listed under its last token
+        self.memo: dict[tuple[int, int], list[tuple[int, float]]] = {}
+        self.backed_off: dict[int, set[tuple[int, int]]] = defaultdict(set)
         self._count(prompt)
 
     def _count(self, context: list[int]) -> None:
         """Count the n-grams ending at tokens not counted yet (the table adapts to the output)."""
         for j in range(max(self.counted, 1), len(context)):
-            self.bi[context[j - 1]][context[j]] += 1.0
+            b, c = context[j - 1], context[j]
+            self.bi[b][c] += 1.0
+            for key in self.backed_off.pop(b, ()):
+                self.memo.pop(key, None)
             if j >= 2:
-                self.tri[(context[j - 2], context[j - 1])][context[j]] += 1.0
+                self.tri[(context[j - 2], b)][c] += 1.0
+                self.memo.pop((context[j - 2], b), None)
         self.counted = max(self.counted, len(context))
+
+    def _next_tokens(self, a: int, b: int) -> list[tuple[int, float]]:
+        if (a, b) not in self.memo:
+            self.memo[(a, b)] = self.next_tokens(a, b)
+        return self.memo[(a, b)]
 
     def next_tokens(self, a: int, b: int) -> list[tuple[int, float]]:
         """The ``width`` likeliest tokens after (a, b) with their conditional probabilities.
@@ -83,7 +99,10 @@ class AdedDrafter(Drafter):
             mixed = {c: (1.0 - w) * n / n_prior for c, n in prior.items()} if n_prior else {}
             for c, n in own.items():
                 mixed[c] = mixed.get(c, 0.0) + w * n / n_own
+            if table is self.bi:
+                self.backed_off[b].add((a, b))
             return heapq.nlargest(self.width, mixed.items(), key=lambda kv: kv[1])
+        self.backed_off[b].add((a, b))  # no counts yet: a first count of b's continuations changes that
         return []
 
     def propose(self, context: list[int], hidden: np.ndarray, max_depth: int) -> Draft:
@@ -91,7 +110,7 @@ class AdedDrafter(Drafter):
         depth_cap = min(self.depth, max_depth)
         if depth_cap < 1 or len(context) < 2:
             return Draft()
-        draft = Draft()
+        draft = Draft(scores=[])  # a node's score: its path probability under the table
         # heap of (-path probability, tie-break, node index (-1: the pending token), last two tokens, depth)
         heap = [(-1.0, 0, -1, (context[-2], context[-1]), 0)]
         order = 1
@@ -99,11 +118,12 @@ class AdedDrafter(Drafter):
             neg_p, _, node, (a, b), d = heapq.heappop(heap)
             if d >= depth_cap:
                 continue
-            for c, q in self.next_tokens(a, b):
+            for c, q in self._next_tokens(a, b):
                 if len(draft) >= self.size:
                     break
                 draft.tokens.append(c)
                 draft.parents.append(node)
+                draft.scores.append(-neg_p * q)
                 heapq.heappush(heap, (neg_p * q, order, len(draft) - 1, (b, c), d + 1))
                 order += 1
         return draft

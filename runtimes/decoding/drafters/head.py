@@ -87,7 +87,7 @@ class HeadWeights:
 class HeadDrafter(Drafter):
     name = "head"
 
-    def __init__(self, target, weights: str | Path | HeadWeights | None = None, confidence: float = 0.2):
+    def __init__(self, target, weights: str | Path | HeadWeights | None = None, confidence: float = 0.2, budget: bool = True):
         if weights is None:
             raise UserError("the head drafter needs trained weights: pass weights=PATH.npz (see `edgekit train-drafter`)")
         self.w = weights if isinstance(weights, HeadWeights) else HeadWeights.load(weights)
@@ -99,13 +99,14 @@ class HeadDrafter(Drafter):
                 f"the draft head was trained for vocabulary {self.w.vocab} and width {self.w.dim}, the model has "
                 f"{self.embed.shape[0]} and {self.embed.shape[1]}; train a head for this model"
             )
-        self.confidence = confidence
+        self.confidence, self.budget = confidence, budget
 
     def propose(self, context: list[int], hidden: np.ndarray, max_depth: int) -> Draft:
         h = np.asarray(hidden, dtype=np.float32)
         prev2, prev1 = (context[-2] if len(context) > 1 else context[-1]), context[-1]
         tokens: list[int] = []
         probs: list[np.ndarray | None] = []
+        scores: list[float] = []  # the head's probability of the whole chain up to each token
         for j in range(min(self.w.depth, max_depth)):
             u = np.concatenate([h, self.embed[prev1], self.embed[prev2]])
             a = u @ self.w.w1 + self.w.b1 + self.w.depth_bias[j]
@@ -118,10 +119,11 @@ class HeadDrafter(Drafter):
             else:
                 token = int(logits.argmax())
             tokens.append(token)
+            scores.append((scores[-1] if scores else 1.0) * float(q[token]))
             if float(q.max()) < self.confidence:
                 break
             prev2, prev1 = prev1, token
-        return Draft.chain(tokens, probs if self.temperature > 0 else None)
+        return Draft.chain(tokens, probs if self.temperature > 0 else None, scores)
 
 
 def train_head(

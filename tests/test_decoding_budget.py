@@ -1,0 +1,174 @@
+"""The draft budget (runtimes/decoding/budget.py): feed the best-scored draft nodes worth their
+measured pass cost. Trimming must keep greedy output exact, cut drafts where passes are costly,
+keep them whole where passes are cheap, leave sampled output to the seed alone, and roll the
+cache back after profiling. Costs here are injected, so no assertion depends on this machine's timings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgekit.models.encdec import DecoderLM, LMConfig
+from edgekit.runtimes.decoding import budget, generate
+from edgekit.runtimes.decoding.budget import Calibration, PassCost, best_size
+from edgekit.runtimes.decoding.drafters import make_drafter
+from edgekit.runtimes.decoding.drafters.aded import AdedDrafter
+from edgekit.runtimes.decoding.target import TorchTarget
+from edgekit.runtimes.decoding.verify import Draft
+from tests.test_decoding import VOCAB, fit_lm, motif_stream
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+NEW = 32
+
+
+def cost_of(seconds_per_size: dict[int, float]) -> PassCost:
+    cost = PassCost()
+    for n, s in seconds_per_size.items():
+        cost.observe(n, s)
+    return cost
+
+
+FLAT = {1: 1.0, 64: 1.0}  # any pass costs the same: feed everything worth anything
+STEEP = {1: 1.0, 2: 2.0, 64: 64.0}  # a pass costs its token count: drafting can only lose
+
+
+@pytest.fixture(scope="module")
+def lm():
+    data = motif_stream()
+    torch.manual_seed(0)
+    model = fit_lm(DecoderLM(LMConfig(vocab=VOCAB, dim=32, heads=4, kv_heads=2, ffn=64, layers=3)), data)
+    prompts = [data[100:112].tolist(), data[2000:2006].tolist(), data[2500:2540].tolist()]
+    return model, data, prompts
+
+
+def run_with_cost(model, data, prompts, costs: dict[int, float] | None, **options):
+    """Greedy aded+corpus generations on a fresh target whose pass costs are ``costs`` (None: profiled)."""
+    target = TorchTarget(model)
+    if costs is not None:
+        budget._costs[target] = cost_of(costs)
+        budget._costs[target].observe = lambda n, s: None  # keep the injected curve fixed
+    drafter = make_drafter("aded", target, corpus=data, **options)
+    plain = [generate(target, None, p, NEW).tokens for p in prompts]
+    runs = [generate(target, drafter, p, NEW) for p in prompts]
+    return plain, runs, target
+
+
+def test_ranked_prefixes_are_subtrees_even_when_scores_rise_along_a_path():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 20))
+        parents = [int(rng.integers(-1, i)) if i else -1 for i in range(n)]
+        draft = Draft(list(range(n)), parents, scores=rng.random(n).tolist())
+        order, scores = draft.ranked()
+        assert sorted(order) == list(range(n)) and scores == sorted(scores, reverse=True)
+        for k in range(n + 1):
+            kept = set(order[:k])
+            assert all(parents[i] < 0 or parents[i] in kept for i in kept)
+            sub = draft.subset(order[:k])
+            assert len(sub) == k and all(-1 <= p < i for i, p in enumerate(sub.parents))
+
+
+def test_subset_remaps_parents_and_carries_probs_and_scores():
+    q = [np.full(3, 1 / 3)] * 4
+    draft = Draft([7, 8, 9, 10], [-1, 0, -1, 2], probs=q, scores=[0.9, 0.5, 0.8, 0.1])
+    sub = draft.subset([2, 3, 0])
+    assert sub.tokens == [7, 9, 10] and sub.parents == [-1, -1, 1]
+    assert sub.scores == [0.9, 0.8, 0.1] and len(sub.probs) == 3
+    with pytest.raises(ValueError, match="parent"):
+        draft.subset([1])  # node 1 without its parent 0
+
+
+def test_pass_cost_curve_interpolates_extrapolates_and_never_falls():
+    cost = cost_of({1: 2.0, 5: 6.0, 9: 5.0})  # the dip at 9 is noise: the curve must not fall
+    curve = cost.curve(12)
+    np.testing.assert_allclose(curve[:5], [2, 3, 4, 5, 6])
+    assert np.all(np.diff(curve) >= 0)
+    assert curve[-1] >= curve[8]
+    rising = cost_of({1: 1.0, 4: 4.0}).curve(8)  # beyond the last size: the last slope
+    np.testing.assert_allclose(rising, np.arange(1, 9, dtype=float))
+    noisy = PassCost()
+    for s in (1.0, 1.0, 50.0, 1.0, 1.0):  # one preempted pass does not move the median
+        noisy.observe(3, s)
+    assert noisy.median[3] == 1.0
+
+
+def test_best_size_weighs_expected_tokens_against_pass_time():
+    scores = [0.9, 0.8, 0.5, 0.2, 0.05]
+    assert best_size(scores, 1.0, cost_of(FLAT)) == 5
+    assert best_size(scores, 1.0, cost_of(STEEP)) == 0
+    # a pass of n tokens costs 1 + 0.1 (n - 1): a node pays when its score exceeds the marginal cost share
+    linear = cost_of({1: 1.0, 64: 7.3})
+    k = best_size(scores, 1.0, linear)
+    assert 2 <= k <= 4
+    assert best_size(scores, 0.1, linear) < k  # a drafter that overrates itself gets smaller drafts
+    assert best_size([], 1.0, linear) == 0
+
+
+def test_calibration_starts_neutral_and_follows_the_acceptances():
+    cal = Calibration()
+    assert cal.factor() == 1.0
+    for _ in range(20):
+        cal.update([0.9, 0.8, 0.7], 1)  # predicted 2.4 per pass, 1 accepted
+    assert 0.4 < cal.factor() < 0.5
+
+
+@pytest.mark.parametrize("costs,trimmed", [(STEEP, True), (FLAT, False)], ids=["steep", "flat"])
+def test_trimmed_greedy_output_equals_plain_greedy(lm, costs, trimmed):
+    model, data, prompts = lm
+    plain, runs, _ = run_with_cost(model, data, prompts, costs)
+    _, whole, _ = run_with_cost(model, data, prompts, costs, budget=False)
+    assert [r.tokens for r in runs] == plain == [w.tokens for w in whole]
+    fed, fed_whole = sum(sum(r.drafted) for r in runs), sum(sum(w.drafted) for w in whole)
+    assert fed_whole > 0
+    if trimmed:  # every pass costs its token count: nothing is worth feeding
+        assert fed == 0
+    else:
+        assert fed == fed_whole and sum(sum(r.accepted) for r in runs) > 0
+
+
+def test_profiling_leaves_the_cache_as_it_was(lm):
+    model, data, prompts = lm
+    target = TorchTarget(model)
+    target.forward(prompts[0])
+    before = target.cache_arrays()
+    cost = PassCost()
+    cost.profile(target, room=8)
+    assert sorted(cost.median) == [1, 2, 3, 4, 5, 6, 7, 8]
+    after = target.cache_arrays()
+    assert target.length == len(prompts[0])
+    for (k1, v1), (k2, v2) in zip(before, after):
+        np.testing.assert_array_equal(k1, k2)
+        np.testing.assert_array_equal(v1, v2)
+
+
+def test_a_profiled_target_still_decodes_exactly(lm):
+    model, data, prompts = lm
+    plain, runs, target = run_with_cost(model, data, prompts, None)
+    assert [r.tokens for r in runs] == plain
+    assert target in budget._costs and budget._costs[target].median
+
+
+def test_sampling_feeds_whole_drafts_so_a_seed_reproduces_its_output(lm):
+    model, data, prompts = lm
+    outs = []
+    for costs in (STEEP, FLAT):
+        target = TorchTarget(model)
+        budget._costs[target] = cost_of(costs)
+        drafter = make_drafter("aded", target, corpus=data)
+        outs.append([generate(target, drafter, p, NEW, temperature=0.8, seed=s).tokens for p in prompts for s in range(3)])
+    assert outs[0] == outs[1]
+
+
+def test_aded_memo_gives_the_drafts_a_fresh_table_would(lm):
+    _, data, prompts = lm
+    context = data[:300].tolist()
+    memo, fresh = AdedDrafter(corpus=data[:2000]), AdedDrafter(corpus=data[:2000])
+    memo.start(context[:20], 0.0, np.random.default_rng(0))
+    for end in range(21, 300, 7):
+        fresh.start(context[: end - 1], 0.0, np.random.default_rng(0))  # counts everything anew, empty memo
+        got = memo.propose(context[:end], None, 8)
+        want = fresh.propose(context[:end], None, 8)
+        assert (got.tokens, got.parents, got.scores) == (want.tokens, want.parents, want.scores)
