@@ -14,9 +14,9 @@ runtimes/decoding/ort_target.py is there), at batch 1 on THREADS threads, PROMPT
 PROMPT_TOKENS bytes from the held-out end of the model's corpus, NEW_TOKENS new bytes each:
 plain greedy (``generate(target, None, ...)``) and ``generate(target, drafter, ...)`` for the
 drafters ngram (prompt lookup), aded (adaptive tri-gram draft trees, from the output alone),
-aded+corpus (the same table seeded with the model's training text; aded and head drafts are
-trimmed to the size worth its measured pass cost, runtimes/decoding/budget.py, and aded+corpus
-whole feeds the untrimmed tree for comparison), swift (the model with
+aded+corpus (the same table seeded with the model's training text; "4-gram" with order=4;
+ngram, aded and head drafts are trimmed to the size worth its measured pass cost,
+runtimes/decoding/budget.py, and "whole" feeds the untrimmed tree for comparison), swift (the model with
 layers skipped drafts for itself; torch only) and head (a Chimera-style head trained on the
 model's corpus, cached). The comparison is edgekit.runtimes.decoding.compare.compare_drafters:
 every round decodes every prompt once per variant in a rotating order; speed-ups are ratios
@@ -71,9 +71,12 @@ PROMPTS, PROMPT_TOKENS, NEW_TOKENS, ROUNDS = (1, 128, 32, 1) if QUICK else (8, 1
 THREADS = 2
 CHUNK = 8  # tokens per BlockFFN kernel chunk
 SEED = 0
-DRAFTERS = ("ngram", "aded", "aded+corpus", "aded+corpus whole", "swift", "head")
-BLOCKFFN_DRAFTERS = ("ngram", "aded", "aded+corpus")
-TRAINING_FREE = ("ngram", "aded", "aded+corpus", "aded+corpus whole", "swift")
+# ADED seeded with the model's training text: as the paper's tri-gram, with a 4-gram table, and
+# the tri-gram feeding its whole tree (no draft budget)
+CORPUS_VARIANTS = {"aded+corpus": {}, "aded+corpus 4-gram": {"order": 4}, "aded+corpus whole": {"budget": False}}
+DRAFTERS = ("ngram", "aded", *CORPUS_VARIANTS, "swift", "head")
+BLOCKFFN_DRAFTERS = ("ngram", "aded", *CORPUS_VARIANTS)
+TRAINING_FREE = ("ngram", "aded", *CORPUS_VARIANTS, "swift")
 OUTPUT_ONLY = ("ngram", "aded", "swift")  # training-free and without a corpus: only prompt + output
 TARGETS = {"prose": 1.5, "code": 2.0}  # issue 11: best training-free drafter's speed-up, identical greedy output
 REPEAT_N = 8  # n of the repetition statistic
@@ -135,9 +138,8 @@ def factories(target, names: tuple[str, ...], corpus: np.ndarray, head_path: Pat
     options = options or {}
     for name in names:
         try:
-            if name in ("aded+corpus", "aded+corpus whole"):
-                whole = {"budget": False} if name.endswith("whole") else {}
-                d = make_drafter("aded", target, corpus=dm.split(corpus)[0], **options.get("aded", {}), **whole)
+            if name in CORPUS_VARIANTS:
+                d = make_drafter("aded", target, corpus=dm.split(corpus)[0], **{**options.get("aded", {}), **CORPUS_VARIANTS[name]})
             elif name == "head":
                 if head_path is None:
                     raise UserError("no head trained for this model")
@@ -281,9 +283,10 @@ def markdown(res: dict[str, Any]) -> str:
     lines += [
         ("Drafters: **ngram** looks the context's last n-gram (n <= 4) up earlier in prompt + output and drafts what "
          "followed; **aded** keeps an adaptive tri-gram table of prompt + output and searches it into a draft tree; "
-         "**aded+corpus** seeds that table with the model's training text; aded and head feed only as many of their "
-         "best-scored nodes as pay for their measured pass cost on the target (runtimes/decoding/budget.py), and "
-         "**aded+corpus whole** feeds every drafted node (24) for comparison; **swift** drafts with the model itself, "
+         "**aded+corpus** seeds that table with the model's training text (**4-gram**: a 4-gram table backing off "
+         "to shorter contexts); ngram, aded and head feed only as many of their best-scored nodes as pay for their "
+         "measured pass cost on the target (runtimes/decoding/budget.py), and **aded+corpus whole** feeds every "
+         "drafted node for comparison; **swift** drafts with the model itself, "
          "a searched set of its layers skipped (torch only); **head** is a small draft head over the model's final hidden "
          f"state, trained ({s['head']['steps']} steps) on the model's training text to predict the model's own greedy "
          "tokens. Tokens per pass = tokens produced per verification pass (accepted draft tokens + 1; plain: 1). "

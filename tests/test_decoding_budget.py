@@ -96,23 +96,32 @@ def test_pass_cost_curve_interpolates_extrapolates_and_never_falls():
 
 
 def test_best_size_weighs_expected_tokens_against_pass_time():
-    scores = [0.9, 0.8, 0.5, 0.2, 0.05]
-    assert best_size(scores, 1.0, cost_of(FLAT)) == 5
-    assert best_size(scores, 1.0, cost_of(STEEP)) == 0
-    # a pass of n tokens costs 1 + 0.1 (n - 1): a node pays when its score exceeds the marginal cost share
+    accept = np.array([0.9, 0.8, 0.5, 0.2, 0.05])
+    assert best_size(accept, cost_of(FLAT)) == 5
+    assert best_size(accept, cost_of(STEEP)) == 0
+    # a pass of n tokens costs 1 + 0.1 (n - 1): (1 + 0.9 + 0.8 + 0.5) / 1.3 beats one node less or more
     linear = cost_of({1: 1.0, 64: 7.3})
-    k = best_size(scores, 1.0, linear)
-    assert 2 <= k <= 4
-    assert best_size(scores, 0.1, linear) < k  # a drafter that overrates itself gets smaller drafts
-    assert best_size([], 1.0, linear) == 0
+    assert best_size(accept, linear) == 3
+    assert best_size(accept * 0.1, linear) == 0  # nodes rarely accepted are not worth a wider pass
+    assert best_size(np.array([]), linear) == 0
 
 
-def test_calibration_starts_neutral_and_follows_the_acceptances():
+def test_calibration_learns_what_a_score_means_per_band():
     cal = Calibration()
-    assert cal.factor() == 1.0
-    for _ in range(20):
-        cal.update([0.9, 0.8, 0.7], 1)  # predicted 2.4 per pass, 1 accepted
-    assert 0.4 < cal.factor() < 0.5
+    np.testing.assert_allclose(cal.estimate([0.9, 0.3, 0.01]), [0.9, 0.3, 0.01])  # no evidence: the scores
+    for _ in range(40):  # nodes scored 0.9 are accepted 1 time in 4; nodes scored 0.3 every time
+        cal.update([0.9, 0.9, 0.9, 0.9, 0.3], [True, False, False, False, True])
+    high, mid, low = cal.estimate([0.9, 0.3, 0.01])
+    assert abs(high - 0.25) < 0.03 and mid > 0.95
+    assert low == pytest.approx(0.01)  # a band never fed keeps its prior
+
+
+def test_calibration_explores_before_it_trims():
+    cal = Calibration()
+    for _ in range(Calibration.EXPLORE):
+        assert cal.exploring()
+        cal.update([0.5], [False])
+    assert not cal.exploring()
 
 
 @pytest.mark.parametrize("costs,trimmed", [(STEEP, True), (FLAT, False)], ids=["steep", "flat"])
@@ -123,8 +132,9 @@ def test_trimmed_greedy_output_equals_plain_greedy(lm, costs, trimmed):
     assert [r.tokens for r in runs] == plain == [w.tokens for w in whole]
     fed, fed_whole = sum(sum(r.drafted) for r in runs), sum(sum(w.drafted) for w in whole)
     assert fed_whole > 0
-    if trimmed:  # every pass costs its token count: nothing is worth feeding
-        assert fed == 0
+    if trimmed:  # every pass costs its token count: after the exploring passes nothing is worth feeding
+        assert 0 < fed < fed_whole
+        assert all(sum(d > 0 for d in r.drafted) <= Calibration.EXPLORE for r in runs)
     else:
         assert fed == fed_whole and sum(sum(r.accepted) for r in runs) > 0
 
@@ -162,13 +172,25 @@ def test_sampling_feeds_whole_drafts_so_a_seed_reproduces_its_output(lm):
     assert outs[0] == outs[1]
 
 
-def test_aded_memo_gives_the_drafts_a_fresh_table_would(lm):
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_aded_memo_gives_the_drafts_a_fresh_table_would(lm, order):
     _, data, prompts = lm
     context = data[:300].tolist()
-    memo, fresh = AdedDrafter(corpus=data[:2000]), AdedDrafter(corpus=data[:2000])
+    memo, fresh = AdedDrafter(corpus=data[:2000], order=order), AdedDrafter(corpus=data[:2000], order=order)
     memo.start(context[:20], 0.0, np.random.default_rng(0))
     for end in range(21, 300, 7):
         fresh.start(context[: end - 1], 0.0, np.random.default_rng(0))  # counts everything anew, empty memo
         got = memo.propose(context[:end], None, 8)
         want = fresh.propose(context[:end], None, 8)
         assert (got.tokens, got.parents, got.scores) == (want.tokens, want.parents, want.scores)
+
+
+def test_aded_order_backs_off_to_shorter_contexts():
+    drafter = AdedDrafter(corpus=np.array([1, 2, 3, 1, 2, 3, 9, 2, 4]), order=4, width=1)
+    drafter.start([5], 0.0, np.random.default_rng(0))
+    assert drafter.next_tokens((1, 2)) == [(3, 1.0)]  # (1, 2) -> 3 twice
+    assert drafter.next_tokens((7, 9, 2)) == [(4, 1.0)]  # (7, 9, 2) unseen, (9, 2) -> 4
+    assert drafter.next_tokens((7, 8, 2))[0][0] == 3  # only (2,): 3 twice, 4 once
+    assert drafter.next_tokens((7, 8, 6)) == []
+    with pytest.raises(Exception, match="order must be >= 2"):
+        AdedDrafter(order=1)

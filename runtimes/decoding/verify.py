@@ -37,8 +37,9 @@ class Draft:
     """Proposed tokens as a tree over the pending token: ``parents[i]`` is node i's parent (-1: the
     pending token; parents precede children); ``probs[i]``, if given, is the distribution node i's
     token was drawn from (a chain only), None for a token the drafter chose deterministically;
-    ``scores[i]``, if given, is the drafter's estimate that the model accepts node i (e.g. its path
-    probability), which lets the loop feed only the nodes worth their cost (``budget.py``)."""
+    ``scores[i]``, if given, in (0, 1], ranks node i by how likely the model accepts it (e.g. its path
+    probability; never above its parent's), which lets the loop feed only the nodes worth their
+    cost (``budget.py`` learns what a score means in accepted tokens)."""
 
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
@@ -256,11 +257,11 @@ def generate(
             draft = drafter.propose(prompt + out, last_hidden, max_new_tokens - len(out) - 1).limited(max_new_tokens - len(out) - 1)
             draft.check(target.vocab)
             # greedy only: the trim follows measured times, and a sampled output must depend on its seed alone
-            if draft.scores is not None and drafter.budget and temperature <= 0 and len(draft):
+            if draft.scores is not None and drafter.budget and temperature <= 0 and len(draft) and not calibration.exploring():
                 if cost is None:  # the target's first budgeted draft profiles its passes (once per target)
                     cost = pass_cost(target, room=(limit - target.length) if limit else PROFILE_SIZES[-1])
                 order, scores = draft.ranked()
-                draft = draft.subset(order[: best_size(scores, calibration.factor(), cost)])
+                draft = draft.subset(order[: best_size(calibration.estimate(scores), cost)])
             draft_seconds += time.perf_counter() - t
         base = target.length
         tokens, positions, mask = draft.feed(pending, base)
@@ -274,8 +275,8 @@ def generate(
         last_hidden = hidden[path[-1]]
         accepted.append(len(path) - 1)
         drafted.append(len(draft))
-        if draft.scores is not None:
-            calibration.update(draft.scores, len(path) - 1)
+        if draft.scores is not None and len(draft):
+            calibration.update(draft.scores, np.isin(np.arange(1, len(draft) + 1), path))
         if drafter is not None:
             t = time.perf_counter()
             drafter.observe(prompt + out, draft, len(path) - 1)

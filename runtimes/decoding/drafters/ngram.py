@@ -17,12 +17,12 @@ from edgekit.runtimes.decoding.verify import Draft, Drafter
 class NgramDrafter(Drafter):
     name = "ngram"
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, length: int = 8):
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, length: int = 8, budget: bool = True):
         if not 1 <= min_ngram <= max_ngram:
             raise UserError(f"ngram drafter: need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
         if length < 1:
             raise UserError(f"ngram drafter: length must be >= 1, got {length}")
-        self.max_ngram, self.min_ngram, self.length = max_ngram, min_ngram, length
+        self.max_ngram, self.min_ngram, self.length, self.budget = max_ngram, min_ngram, length, budget
 
     def start(self, prompt, temperature, rng):
         super().start(prompt, temperature, rng)
@@ -41,5 +41,8 @@ class NgramDrafter(Drafter):
         for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
             j = self.last_end.get(tuple(context[-n:]))
             if j is not None:
-                return Draft.chain(context[j + 1 : j + 1 + min(self.length, max_depth)])
+                tokens = context[j + 1 : j + 1 + min(self.length, max_depth)]
+                # scores only rank the chain's depths (one in two per step a priori); the loop learns
+                # how often each depth is accepted and feeds the depths worth their cost
+                return Draft.chain(tokens, scores=[0.5 ** (i + 1) for i in range(len(tokens))])
         return Draft()
