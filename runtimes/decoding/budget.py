@@ -27,9 +27,10 @@ from collections import deque
 
 import numpy as np
 
-PROFILE_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64)
+PROFILE_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)
 PROFILE_REPEATS = 3
 RECENT = 9  # passes per size the estimate is the median of
+REFIT = 8  # passes between fits of the cost curve (a fit every pass would cost more than it tells)
 
 
 class PassCost:
@@ -37,12 +38,15 @@ class PassCost:
 
     def __init__(self):
         self.samples: dict[int, deque] = {}
-        self.median: dict[int, float] = {}  # kept current by observe: curve() runs every pass
+        self.median: dict[int, float] = {}
+        self.coef: np.ndarray | None = None  # the fitted curve, refitted every REFIT passes
+        self.unfitted = 0
 
     def observe(self, n: int, seconds: float) -> None:
         recent = self.samples.setdefault(n, deque(maxlen=RECENT))
         recent.append(seconds)
         self.median[n] = statistics.median(recent)
+        self.unfitted += 1
 
     def profile(self, target, room: int) -> None:
         """Time passes of the profile sizes (at most ``room`` tokens) after the target's cache, then
@@ -58,20 +62,34 @@ class PassCost:
                 target.keep(base, [])
 
     def curve(self, up_to: int) -> np.ndarray:
-        """Estimated seconds for 1..up_to tokens (index n - 1): medians at the measured sizes,
-        linear in between and beyond, never falling as n grows."""
-        sizes = sorted(self.median)
-        secs = [self.median[n] for n in sizes]
+        """Estimated seconds for 1..up_to tokens (index n - 1) from the model
+
+            seconds(n) = base + jump * (n > 1) + per_token * (n - 1),  each term >= 0,
+
+        fitted by least squares to the medians of every measured size, weighted by their samples.
+        The jump is the step from a one-token pass to a batched one (a matrix-vector product
+        becoming a matrix product, a sparse kernel switching to its chunk path). One curve
+        through all sizes rides out the noise of any single size, which read point by point
+        would make a size look cheaper or dearer than its neighbours."""
+        if self.coef is None or self.unfitted >= REFIT:
+            self.coef, self.unfitted = self._fit(), 0
         ns = np.arange(1, up_to + 1, dtype=np.float64)
-        if len(sizes) == 1:
-            est = np.full(up_to, secs[0])
-        else:
-            est = np.interp(ns, sizes, secs)
-            if up_to > sizes[-1]:  # extrapolate with the slope of the last two sizes
-                slope = (secs[-1] - secs[-2]) / (sizes[-1] - sizes[-2])
-                tail = ns > sizes[-1]
-                est[tail] = secs[-1] + slope * (ns[tail] - sizes[-1])
-        return np.maximum.accumulate(est)
+        return np.maximum(self.coef[0] + self.coef[1] * (ns > 1) + self.coef[2] * (ns - 1), 1e-9)
+
+    def _fit(self) -> np.ndarray:
+        sizes = np.array(sorted(self.median), dtype=np.float64)
+        secs = np.array([self.median[int(n)] for n in sizes])
+        weight = np.sqrt([len(self.samples[int(n)]) for n in sizes])
+        columns = np.stack([np.ones_like(sizes), (sizes > 1).astype(np.float64), sizes - 1], axis=1)
+        active = [0, 1, 2]
+        while True:  # non-negative least squares by dropping a term whose fit comes out negative
+            coef = np.zeros(3)
+            coef[active] = np.linalg.lstsq(columns[:, active] * weight[:, None], secs * weight, rcond=None)[0]
+            negative = [i for i in active[1:] if coef[i] < 0]
+            if not negative:
+                break
+            active.remove(negative[0])
+        return coef
 
 
 class Calibration:

@@ -276,7 +276,10 @@ def generate(
         accepted.append(len(path) - 1)
         drafted.append(len(draft))
         if draft.scores is not None and len(draft):
-            calibration.update(draft.scores, np.isin(np.arange(1, len(draft) + 1), path))
+            on_path = [False] * len(draft)
+            for fed in path[1:]:
+                on_path[fed - 1] = True
+            calibration.update(draft.scores, on_path)
         if drafter is not None:
             t = time.perf_counter()
             drafter.observe(prompt + out, draft, len(path) - 1)
