@@ -15,10 +15,9 @@ PROMPT_TOKENS bytes from the held-out end of the model's corpus, NEW_TOKENS new 
 plain greedy (``generate(target, None, ...)``) and ``generate(target, drafter, ...)`` for the
 drafters ngram (prompt lookup), aded (adaptive tri-gram draft trees, from the output alone),
 aded+corpus (the same table seeded with the model's training text; "4-gram" with order=4;
-ngram, aded and head drafts are trimmed to the size worth its measured pass cost,
-runtimes/decoding/budget.py, and "whole" feeds the untrimmed tree for comparison), swift (the model with
-layers skipped drafts for itself; torch only) and head (a Chimera-style head trained on the
-model's corpus, cached). The comparison is edgekit.runtimes.decoding.compare.compare_drafters:
+"whole" feeds the untrimmed tree, where the others are cut to the size worth its measured pass
+cost by runtimes/decoding/budget.py), swift (the model with layers skipped drafts for itself;
+torch only) and head (a Chimera-style head trained on the model's corpus, cached). The comparison is edgekit.runtimes.decoding.compare.compare_drafters:
 every round decodes every prompt once per variant in a rotating order; speed-ups are ratios
 within a round, medians over ROUNDS rounds; a fresh drafter state per prompt (no drafter sees
 an earlier run of the same prompt). Columns: speed-up over plain, tokens/s, tokens produced per

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgekit.errors import UserError
 from edgekit.models.encdec import DecoderLM, LMConfig
 from edgekit.runtimes.decoding import budget, generate
 from edgekit.runtimes.decoding.budget import Calibration, PassCost, best_size
@@ -195,3 +196,9 @@ def test_aded_order_backs_off_to_shorter_contexts():
     assert drafter.next_tokens((7, 8, 6)) == []
     with pytest.raises(Exception, match="order must be >= 2"):
         AdedDrafter(order=1)
+
+
+@pytest.mark.parametrize("scores", [[0.5, 1.5], [0.5, float("nan")], [0.5]], ids=["above one", "nan", "one short"])
+def test_bad_draft_scores_are_refused(scores):
+    with pytest.raises(UserError, match="score"):
+        Draft([3, 4], [-1, 0], scores=scores).check(vocab=10)

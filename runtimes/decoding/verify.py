@@ -37,7 +37,7 @@ class Draft:
     """Proposed tokens as a tree over the pending token: ``parents[i]`` is node i's parent (-1: the
     pending token; parents precede children); ``probs[i]``, if given, is the distribution node i's
     token was drawn from (a chain only), None for a token the drafter chose deterministically;
-    ``scores[i]``, if given, in (0, 1], ranks node i by how likely the model accepts it (e.g. its path
+    ``scores[i]``, if given, in [0, 1], ranks node i by how likely the model accepts it (e.g. its path
     probability; never above its parent's), which lets the loop feed only the nodes worth their
     cost (``budget.py`` learns what a score means in accepted tokens)."""
 
@@ -94,6 +94,8 @@ class Draft:
     def check(self, vocab: int) -> None:
         if len(self.parents) != len(self.tokens) or any(x is not None and len(x) != len(self.tokens) for x in (self.probs, self.scores)):
             raise UserError("a draft needs one parent (and, if any, one distribution and one score) per token")
+        if self.scores is not None and not all(0.0 <= s <= 1.0 for s in self.scores):  # NaN fails too
+            raise UserError("draft scores must lie in [0, 1] (e.g. path probabilities)")
         seen: set[tuple[int, int]] = set()
         for i, (tok, par) in enumerate(zip(self.tokens, self.parents)):
             if not -1 <= par < i:
