@@ -60,8 +60,9 @@ class OrtTarget(Target):
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
-        # the drafter runs between passes; a pool left spinning would take its core
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ONNX Runtime's default thread spinning stays on: with it, plain and drafted decoding both ran
+        # faster here (548 against 374 tokens/s plain on the code bench model, 2 threads), the drafter
+        # working on the main thread while the pool's thread waits on the other core
         return cls(_open(ort, graph, so), meta, folder)
 
     def reset(self) -> None:
