@@ -48,9 +48,11 @@ def export_bytes(model: nn.Module, names: list[str], feed: dict[str, np.ndarray]
     import onnx
 
     from edgekit.export.dedupe import dedupe_nodes
+    from edgekit.export.qdq_chain import join_integer_chains
 
     proto = onnx.load_from_string(buf.getvalue())
     dedupe_nodes(proto)  # as export.onnx does for quantized models
+    join_integer_chains(proto)
     return proto.SerializeToString()
 
 
