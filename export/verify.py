@@ -137,6 +137,9 @@ def require_parity(result: dict[str, Any], step_name: str, where: str | None = N
             text += f" and relative L2 error {worst['rel_l2']:.1e} > rel_l2 {result['rel_l2_tol']:.1e}"
         problems.append(text)
         fixes.append(f"loosen {where}.verify.atol (or set {where}.verify.rtol)")
+    ref = result.get("float_reference")
+    if ref:
+        problems.append(f"against the float model the export's relative L2 error is {ref['export_rel_l2']:.1e}, the simulation's {ref['simulation_rel_l2']:.1e}")
     agreement = result.get("top1_agreement")
     if agreement is not None:
         low = agreement < result.get("min_top1_agreement", 0.0)

@@ -173,3 +173,37 @@ def test_graph_outputs_and_float_readers_are_left_alone():
     counts = join_integer_chains(proto)
     assert counts == {"moved_quantizers": 0, "folded_activations": 0, "shared_quantizations": 0}
     assert [n.op_type for n in proto.graph.node] == ["Add", "Relu", "QuantizeLinear", "DequantizeLinear", "Tanh"]
+
+
+def _artifacts(tmp_path, model: nn.Module, proto: onnx.ModelProto):
+    from edgekit.artifact import Artifact, TensorSpec
+
+    spec = [TensorSpec(name="x", shape=[4, 3, 16, 16])]
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    source = Artifact(format="torch", inputs=spec, outputs=["y"], module=model, meta={"quantized": True})
+    exported = Artifact(format="onnx", inputs=spec, outputs=["y"], folder=tmp_path, files={"model": "model.onnx"})
+    return source, exported
+
+
+def test_joined_chain_is_judged_by_its_distance_to_the_float_model(tmp_path):
+    from edgekit.export.qdq_chain import float_reference
+
+    model, x = _quantized()
+    proto = _export(model, x)
+    join_integer_chains(proto)
+    feeds = [{"x": x.numpy()}, {"x": x.flip(-1).numpy()}]
+    ref = float_reference(*_artifacts(tmp_path, model, proto), feeds)
+    assert 0 < ref["export_rel_l2"] <= ref["simulation_rel_l2"] < 0.1 and ref["passed"], ref
+    assert all(layer.enabled for layer in quant_layers(model).values())  # the float run is undone
+
+    # a broken export (the last layer's output quantizer three times too coarse) fails the same check
+    last_q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"][-1]
+    scale = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == last_q.input[1]))
+    proto.graph.initializer.append(numpy_helper.from_array(scale * 3, "coarse_scale"))
+    for node in proto.graph.node:
+        if node.input and node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] in (last_q.input[0], last_q.output[0]):
+            node.input[1] = "coarse_scale"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    ref = float_reference(*_artifacts(broken, model, proto), feeds)
+    assert not ref["passed"] and ref["export_rel_l2"] > ref["simulation_rel_l2"], ref

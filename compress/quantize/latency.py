@@ -78,7 +78,8 @@ def time_models(models: dict[str, bytes], feed: dict[str, np.ndarray], threads: 
     """Batch-1 latency (ms) of each model per round, timed in alternating blocks."""
     sessions = {k: _session(m, threads) for k, m in models.items()}
     one = {k: _median_ms(s, feed, 3) for k, s in sessions.items()}  # warm-up and a first estimate
-    repeats = int(min(200, max(5, budget_s * 1e3 / max(sum(one.values()), 1e-3) / rounds)))
+    # tiny models need many runs per round, or one scheduler hiccup decides the round
+    repeats = int(min(2000, max(5, budget_s * 1e3 / max(sum(one.values()), 1e-3) / rounds)))
     runs: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for k, s in sessions.items():
