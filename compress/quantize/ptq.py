@@ -143,7 +143,10 @@ class TorchQuantizer:
 
         threads = self.cfg.latency_threads or os.cpu_count() or 1
         self.ctx.log(f"  timing integer vs float blocks on ONNX Runtime ({threads} threads, batch 1)")
-        slower, record = place_by_latency(self.model, self.names, self.feeds[0], threads, self.cfg.latency_margin, self.ctx.log)
+        # the named dims export.onnx makes dynamic by default
+        dynamic = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in self.artifact.inputs}
+        slower, record = place_by_latency(self.model, self.names, self.feeds[0], threads, self.cfg.latency_margin, self.ctx.log,
+                                          {k: v for k, v in dynamic.items() if v})
         for name in slower:
             self._set_layer(name, None)
             self.plan.skipped[name] = "slower in integer than in float on ONNX Runtime here"
