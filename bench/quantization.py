@@ -237,7 +237,7 @@ def bench_model(name: str, spec: dict[str, Any], workdir: Path) -> list[dict[str
         rows.append({
             "model": name, "variant": label, "bytes": path.stat().st_size + _external_bytes(path),
             "b1": base["b1"] / times[label]["b1"], "b32": base["b32"] / times[label]["b32"],
-            **fidelity(metric, out, ref, labels), "note": notes.get(label, ""),
+            **fidelity(metric, out, ref, labels), "note": notes.get(label, ""), "date": str(datetime.now(timezone.utc).date()),
         })
         print(f"  {rows[-1]}", file=sys.stderr)
     for label, note in notes.items():
@@ -285,6 +285,8 @@ def write_table(rows: list[dict[str, Any]], seconds: float) -> None:
         f"Speed = FP32 time / variant time (higher is faster), medians of {ROUNDS} alternating blocks in one process. "
         f"Fidelity on held-out data. Whole run: {seconds / 60:.1f} min. Regenerate: `python bench/quantization.py`.",
         "",
+        "Measured: " + "; ".join(f"{', '.join(models)} on {date}" for date, models in _dates(rows).items()) + ".",
+        "",
         "| model | variant | size | size vs FP32 | speed batch 1 | speed batch 32 | fidelity | notes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -301,6 +303,16 @@ def write_table(rows: list[dict[str, Any]], seconds: float) -> None:
     lines += ["", "## Targets (issue 3)", ""] + targets(rows)
     fsio.write_text(RESULTS / "quantization.md", "\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'quantization.md'}")
+
+
+def _dates(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Measurement date -> models (BENCH_MODELS reruns keep the other models' older rows)."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        models = out.setdefault(r.get("date", "an earlier run"), [])
+        if r["model"] not in models:
+            models.append(r["model"])
+    return out
 
 
 def _row(rows, model, variant):
