@@ -3,6 +3,7 @@ ONNX Runtime fuses (QLinearConv with its activation, QLinearAdd), with outputs
 still matching the torch simulation."""
 
 import io
+import tempfile
 import warnings
 from collections import Counter
 
@@ -73,8 +74,6 @@ def _run(proto: onnx.ModelProto, feeds: dict) -> tuple[np.ndarray, Counter]:
     opts.log_severity_level = 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             opts.optimized_model_filepath = f"{tmp}/optimized.onnx"
             session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
