@@ -72,6 +72,9 @@ def render_quant_section(steps: list[dict[str, Any]]) -> list[str]:
                 f"ONNX Runtime at batch 1, {lat['threads']} threads: float {lat['float_ms']:.3f} ms, quantized {lat['quantized_ms']:.3f} ms "
                 f"({lat['speedup']:.2f}x, {verdict} than float). {len(lat.get('kept_float') or [])} layers stay float because float was clearly faster there."
             )
+            if lat.get("placement_reverted"):
+                lines.append("Some blocks were faster in float one at a time, but together they did not make the model clearly faster "
+                             "than all-integer, so they stay integer.")
         md = q.get("max_drop")
         if md:
             state = "holds" if md["met"] else "**cannot be met**"

@@ -47,3 +47,29 @@ def dedupe_nodes(model) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     return removed
+
+
+def drop_unused(model) -> int:
+    """Remove nodes whose outputs nothing reads and initializers no node reads; returns how many went.
+
+    A quantized layer's export leaves the Constants of its torch simulation behind,
+    and rewrites leave replaced scales; ONNX Runtime would warn about each one on
+    every session it opens.
+    """
+    graph = model.graph
+    if any(a.type in (5, 10) for n in graph.node for a in n.attribute):
+        return 0  # subgraphs may read outer names by name
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):  # nodes are in topological order: readers come after producers
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    removed = len(graph.node) - len(kept)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    graph_inputs = {i.name for i in graph.input}
+    unused = [t for t in graph.initializer if t.name not in needed and t.name not in graph_inputs]
+    for t in unused:
+        graph.initializer.remove(t)
+    return removed + len(unused)

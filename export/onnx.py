@@ -94,11 +94,12 @@ class ExportOnnx(Pass):
 
         proto = _export(module, specs, trace_feed, outputs, dynamic_axes, cfg, ctx.workdir, where)
         if artifact.meta.get("quantized"):
-            from edgekit.export.dedupe import dedupe_nodes
+            from edgekit.export.dedupe import dedupe_nodes, drop_unused
             from edgekit.export.qdq_chain import join_integer_chains
 
             ctx.metrics["deduplicated_nodes"] = dedupe_nodes(proto)
             ctx.metrics["integer_chains"] = join_integer_chains(proto)
+            drop_unused(proto)
         simplify_info = None
         if cfg.simplify:
             proto, simplify_info = _simplify(proto, ctx)
