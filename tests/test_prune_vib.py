@@ -291,6 +291,53 @@ def test_fast_modes_use_a_share_of_the_data_and_meet_the_budget(mode):
     assert m["steps"] == rounds + recovery
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_cached_teacher_outputs_equal_the_teacher_on_each_batch(family):
+    """Each sample's outputs are cached trimmed to its length; a batch gets them padded to its own length."""
+    from edgekit.compress.prune.objective import forward
+    from edgekit.compress.prune.search import _batches
+    from edgekit.compress.prune.teacher_cache import TeacherCache
+
+    model = tiny_bert(layers=2) if family == "bert" else tiny_gpt2(layers=2)
+    data = token_data(n=20, token_types=family == "bert")
+    data["attention_mask"][1::3, 6:] = 0  # lengths 8, 6 and 12 mixed in one batch
+    cache = TeacherCache.build(model, data, with_hidden=True)
+    for idx, batch in _batches(data, 7, 4):
+        got = cache.get(idx, batch["input_ids"].shape[1])
+        with torch.no_grad():
+            want = forward(model, batch)
+        mask = batch["attention_mask"].bool()
+        assert got.logits == want.logits and got.out.shape == want.out.shape and len(got.hidden) == len(want.hidden)
+        if want.out.dim() == 3:  # token level: only unpadded positions count in the losses
+            torch.testing.assert_close(got.out[mask], want.out[mask], atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(got.out, want.out, atol=1e-5, rtol=1e-5)
+        for h_got, h_want in zip(got.hidden, want.hidden):
+            torch.testing.assert_close(h_got[mask], h_want[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_faster_mode_with_and_without_the_teacher_cache_prunes_alike():
+    data = token_data(n=48)
+    runs = {}
+    for mb in (0, 1024):
+        cfg = PruneSettings(target_params=0.5, **{**QUICK, "mode": "faster", "data_fraction": 0.25, "recovery_steps": None, "teacher_cache_mb": mb})
+        runs[mb] = prune_model(tiny_bert(layers=2), data, cfg, seq=16, log=_quiet)
+    assert runs[1024].metrics["teacher_cached"] and not runs[0].metrics["teacher_cached"]
+    assert runs[1024].structure == runs[0].structure
+    for r0, r1 in zip(runs[0].metrics["rounds"], runs[1024].metrics["rounds"]):
+        assert r1["distill"] == pytest.approx(r0["distill"], rel=1e-3, abs=1e-6)
+
+
+def test_teacher_outputs_over_the_memory_cap_are_not_cached():
+    logs = []
+    cfg = PruneSettings(target_params=0.5, **{**QUICK, "mode": "faster", "data_fraction": 0.25, "teacher_cache_mb": 1})
+    data = token_data(n=48)
+    data = {k: v.repeat(20, 1) for k, v in data.items()}  # 240 samples used x 12 tokens x 4 states x 32 floats: 1.5 MB
+    result = prune_model(tiny_bert(layers=2), data, cfg.model_copy(update={"epochs": 2}), seq=16, log=logs.append)
+    assert not result.metrics["teacher_cached"]
+    assert any("not cached" in m and "teacher_cache_mb: 1" in m for m in logs)
+
+
 # -- 4. cutting keeps the masked model's outputs -----------------------------------
 
 @pytest.mark.parametrize("prune_hidden", [False, True])

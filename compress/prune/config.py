@@ -47,6 +47,9 @@ class PruneSettings(PassConfig):
     recovery_steps: int | None = Field(
         None, ge=0, description="distillation fine-tuning steps after the cut (weights only); default: one round's steps for full and fast, none for faster"
     )
+    teacher_cache_mb: int = Field(
+        1024, ge=0, description="faster mode: keep the unpruned model's outputs on the train data in memory up to this size while only the masks train; 0: run it on every batch"
+    )
     seq: int | None = Field(None, ge=1, description="sequence length for FLOP counts (default: the recipe's seq dim, else 128)")
 
     @model_validator(mode="after")

@@ -105,7 +105,7 @@ def _taylor(student, masks: MaskSet, data, cfg: PruneSettings) -> dict:
     gen = torch.Generator().manual_seed(1)
     student.eval()
     try:
-        for batch in _batches(data, cfg.batch_size, steps):
+        for _, batch in _batches(data, cfg.batch_size, steps):
             out = forward(student, batch).out
             v = torch.randn(out.shape, generator=gen)
             masks.zero_grad(set_to_none=True)
