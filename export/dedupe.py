@@ -4,6 +4,7 @@ Quantized layers export one by one: three projections that read the same
 activation each write their own smoothing Mul and DynamicQuantizeLinear. When
 those are identical (same op, attributes and inputs, constants equal by value)
 one copy is enough, and the runtime quantizes that activation once.
+``drop_unused`` then removes what no longer feeds an output.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ def _constant_key(node) -> str:
 
 def dedupe_nodes(model) -> int:
     """Remove duplicate nodes of the main graph in place; returns how many were removed."""
+    from onnx import AttributeProto
+
     graph = model.graph
-    if any(a.type in (5, 10) for n in graph.node for a in n.attribute):
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0  # subgraphs may read outer names by name; leave graphs with control flow alone
     protected = {o.name for o in graph.output}
     rename: dict[str, str] = {}
@@ -56,8 +59,10 @@ def drop_unused(model) -> int:
     and rewrites leave replaced scales; ONNX Runtime would warn about each one on
     every session it opens.
     """
+    from onnx import AttributeProto
+
     graph = model.graph
-    if any(a.type in (5, 10) for n in graph.node for a in n.attribute):
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0  # subgraphs may read outer names by name
     needed = {o.name for o in graph.output}
     kept = []
@@ -69,7 +74,8 @@ def drop_unused(model) -> int:
     del graph.node[:]
     graph.node.extend(reversed(kept))
     graph_inputs = {i.name for i in graph.input}
-    unused = [t for t in graph.initializer if t.name not in needed and t.name not in graph_inputs]
-    for t in unused:
-        graph.initializer.remove(t)
-    return removed + len(unused)
+    used = [t for t in graph.initializer if t.name in needed or t.name in graph_inputs]
+    dropped = len(graph.initializer) - len(used)
+    del graph.initializer[:]
+    graph.initializer.extend(used)
+    return removed + dropped

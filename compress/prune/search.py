@@ -93,7 +93,7 @@ def prune_model(
         train_steps = len(rounds) * steps
         recovery = cfg.recovery_steps if cfg.recovery_steps is not None else (0 if cfg.mode == "faster" else steps)
         if recovery:
-            _train(student, teacher, None, data, recovery, cfg, None, {}, cache=cache)
+            _train(student, teacher, None, data, recovery, cfg, None, {})
             train_steps += recovery
     else:
         from .importance import importance_keep
@@ -102,7 +102,7 @@ def prune_model(
         cut(student, final)
         # the baseline fine-tunes as long as one VIB round plus its recovery in this mode
         train_steps = steps + (cfg.recovery_steps if cfg.recovery_steps is not None else steps)
-        _train(student, teacher, None, data, train_steps, cfg, None, {}, cache=cache)
+        _train(student, teacher, None, data, train_steps, cfg, None, {})
         rounds = [{"round": 1, "steps": train_steps, "hard": round(budget.measure(TransformerView(student).shape()) / full, 4)}]
     student.eval()
     shape = TransformerView(student).shape()
@@ -188,8 +188,8 @@ def _train(
     cache: TeacherCache | None = None,
 ) -> dict[str, float]:
     """``steps`` optimisation steps: masks (and weights unless frozen) with the Lagrangian, or a
-    plain distillation fine-tune of the weights when ``masks`` is None. The teacher's outputs
-    come from ``cache`` when given."""
+    plain distillation fine-tune of the weights when ``masks`` is None. While only the masks
+    train, the teacher's outputs come from ``cache`` when given."""
     train_weights = masks is None or cfg.mode != "faster"
     weights = [p for p in student.parameters() if p.requires_grad]
     for p in weights:

@@ -2,11 +2,11 @@
 
 The teacher never changes while pruning, and faster mode revisits a small
 subset for many steps, so running it on every batch repeats the same work:
-about a third of a faster-mode step on MiniLM-L6 (see ``search._teacher_cache``
-for where it is used). The cache keeps each
-sample's outputs trimmed to its own length (right padding, as the batches
-assume) and pads them back to a batch's length; padded positions are masked
-out of every loss, so their values do not matter.
+about a third of a faster-mode step on MiniLM-L6 (``search._teacher_cache``
+decides when it is used). Each sample's outputs are kept trimmed to its own
+length (right padding, as the batches assume) and padded back to a batch's
+length; padded positions are masked out of every loss, so their values do
+not matter.
 """
 
 from __future__ import annotations
