@@ -242,7 +242,7 @@ def bench_model(name: str, spec: dict[str, Any], workdir: Path) -> list[dict[str
         rows.append({
             "model": name, "variant": label, "bytes": path.stat().st_size + _external_bytes(path),
             "b1": speed[label]["b1"], "b32": speed[label]["b32"],
-            **fidelity(metric, out, ref, labels), "note": notes.get(label, ""), "date": str(datetime.now(timezone.utc).date()),
+            **fidelity(metric, out, ref, labels), "eval_samples": len(out), "note": notes.get(label, ""), "date": str(datetime.now(timezone.utc).date()),
         })
         print(f"  {rows[-1]}", file=sys.stderr)
     for label, note in notes.items():
@@ -352,6 +352,8 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
             gap = fp["top1"] - p4["top1"]
             closed = (q4["top1"] - p4["top1"]) / gap if gap > 0 else float("nan")
             text = f"{model} 4-bit: FP32 {fp['top1']:.4f}, PTQ {p4['top1']:.4f}, QAT {q4['top1']:.4f}"
+            if "eval_samples" in p4:  # a gap of a few images cannot be split into thirds
+                text += f" (PTQ's gap: {round(gap * p4['eval_samples'])} of {p4['eval_samples']} eval images)"
             if gap <= 0:
                 out.append(f"- no gap to close: {text} (4-bit PTQ already matches float on this model)")
             else:
