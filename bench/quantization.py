@@ -189,7 +189,7 @@ def timings(paths: dict[str, Path], feed1: dict, feed32: dict, slow: bool) -> di
     Many short alternating rounds, each compared within itself: on this shared
     machine the speed of a core drifts by up to 1.7x over seconds, so two medians
     taken seconds apart differ by more than the models do (identical models
-    measured 0.74x to 1.35x apart with 5 rounds of 0.5 s blocks)."""
+    measured 0.76x to 1.35x apart with 5 rounds of 0.5 s blocks)."""
     sessions = {k: session(p) for k, p in paths.items()}
     res: dict[str, dict[str, list[float]]] = {k: {"b1": [], "b32": []} for k in paths}
     block = 0.4 if slow else 0.15
