@@ -33,9 +33,7 @@ class TeacherCache:
         with torch.no_grad():
             for start in range(0, n, CHUNK):
                 idx = torch.arange(start, min(n, start + CHUNK))
-                length = int(lengths[idx].max())
-                batch = {k: (v[idx, :length] if v.dim() == 2 and k != "labels" else v[idx]) for k, v in data.items()}
-                res = forward(teacher, batch)
+                res = forward(teacher, _take(data, idx, int(lengths[idx].max())))
                 logits, token_level = res.logits, res.out.dim() == 3
                 for row, i in enumerate(idx.tolist()):
                     keep = int(lengths[i])
@@ -56,10 +54,8 @@ def estimated_bytes(teacher: nn.Module, data: dict[str, torch.Tensor], with_hidd
     """What the cache would hold, from one probe batch: floats per token and per sample, times the data."""
     lengths = _lengths(data)
     idx = torch.arange(min(2, len(lengths)))
-    length = int(lengths[idx].max())
-    batch = {k: (v[idx, :length] if v.dim() == 2 and k != "labels" else v[idx]) for k, v in data.items()}
     with torch.no_grad():
-        res = forward(teacher, batch)
+        res = forward(teacher, _take(data, idx, int(lengths[idx].max())))
     per_token = (res.out.shape[-1] if res.out.dim() == 3 else 0) + (sum(h.shape[-1] for h in res.hidden) if with_hidden else 0)
     per_sample = res.out.shape[-1] if res.out.dim() == 2 else 0
     return 4 * (per_token * int(lengths.sum()) + per_sample * len(lengths))
@@ -71,6 +67,11 @@ def _lengths(data: dict[str, torch.Tensor]) -> torch.Tensor:
     if mask is None or mask.dim() != 2:
         return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long)
     return mask.sum(1).clamp(min=1).long()
+
+
+def _take(data: dict[str, torch.Tensor], idx: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+    """Samples ``idx`` with their token axes cut to ``length``, as ``search._batches`` cuts them."""
+    return {k: (v[idx, :length] if v.dim() == 2 and k != "labels" else v[idx]) for k, v in data.items()}
 
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
