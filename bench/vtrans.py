@@ -295,7 +295,7 @@ def write_table(rows: list[dict[str, Any]], meta: dict[str, Any], merged: bool) 
         f"Speed = original time / variant time at batch 1 (higher is faster), medians of {ROUNDS} alternating blocks per budget. "
         f"Cosine = to the original's embeddings; top-1 = nearest held-out neighbour agrees with the original's. "
         f"Prune time = the pass's wall-clock, as a ratio to full at the same budget. "
-        f"{run_time(meta, merged)} "
+        f"{run_time(rows, meta, merged)} "
         "Regenerate: `python bench/vtrans.py`."
     )
     lines = [
@@ -313,13 +313,15 @@ def write_table(rows: list[dict[str, Any]], meta: dict[str, Any], merged: bool) 
     print(f"wrote {RESULTS / 'vtrans.md'}")
 
 
-def run_time(meta: dict[str, Any], merged: bool) -> str:
+def run_time(rows: list[dict[str, Any]], meta: dict[str, Any], merged: bool) -> str:
     this = f"{meta['seconds'] / 60:.1f} min"
     if not merged:
         return f"Whole run: {this}." if meta["complete_run_seconds"] else f"This (partial) run: {this}."
     whole = meta["complete_run_seconds"]
-    rerun = ", ".join(f"{m} at {b}" for b in meta["budgets"] for m in meta["methods"])
-    return f"Rerun on their own ({this}): {rerun}; the other rows are from an earlier whole run" + (f" ({whole / 60:.1f} min)." if whole else ".")
+    rerun = ", ".join(f"{r['method']} at {r['budget']}" for r in rows if r.get("rerun"))
+    return f"Rerun on their own (the last rerun {this}): {rerun}; the other rows are from an earlier whole run" + (
+        f" ({whole / 60:.1f} min)." if whole else "."
+    )
 
 
 def table_row(r: dict[str, Any], full_seconds: float | None) -> str:
@@ -412,6 +414,8 @@ def main() -> None:
     raw = RESULTS / "vtrans.json"
     earlier = None
     if budgets != list(BUDGETS) or methods != list(METHODS):
+        for r in rows:
+            r["rerun"] = True  # stays with the row when later partial runs merge in
         rows, earlier = merge(rows, meta, raw)
         meta["complete_run_seconds"] = earlier.get("complete_run_seconds") if earlier else None
     fsio.write_json(raw, {"meta": {**meta, "machine": machine_info(), "versions": versions()}, "rows": rows})

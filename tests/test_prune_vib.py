@@ -291,6 +291,19 @@ def test_fast_modes_use_a_share_of_the_data_and_meet_the_budget(mode):
     assert m["steps"] == rounds + recovery
 
 
+def test_a_later_round_stops_at_the_step_the_hard_mask_meets_the_budget():
+    """With slow masks round 1 (whose target ramps) ends with every unit kept; round 2, at
+    the goal from its first step, runs only until the hard mask is within the budget."""
+    cfg = PruneSettings(target_params=0.5, **{**QUICK, "min_steps": 6, "max_rounds": 3, "lagrangian_lr": 1e-6, "mask_lr": 0.05})
+    model = tiny_bert(layers=2)
+    result = prune_model(model, token_data(n=48), cfg, seq=16, log=_quiet)
+    rounds = result.metrics["rounds"]
+    assert len(rounds) >= 2 and rounds[0]["steps"] == 6 and rounds[0]["hard"] > 0.5
+    assert rounds[-1]["hard"] <= 0.5 and 1 <= rounds[-1]["steps"] < 6
+    assert all(r["hard"] > 0.5 and r["steps"] == 6 for r in rounds[1:-1])  # rounds that did not get there ran in full
+    assert result.metrics["steps"] == sum(r["steps"] for r in rounds) + cfg.recovery_steps
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_cached_teacher_outputs_equal_the_teacher_on_each_batch(family):
     """Each sample's outputs are cached trimmed to its length; a batch gets them padded to its own length."""

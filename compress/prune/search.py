@@ -10,7 +10,8 @@ where ``s`` is the expected size under soft masks (as a fraction of the full
 size), ``t`` the target, ramped from 1 to the goal over the first ``warmup``
 share of the first round, and ``l1, l2`` Lagrange multipliers raised by
 gradient ascent. Rounds repeat until the hard mask is within the budget (at
-most ``max_rounds``); the snap then drops the least informative units (highest
+most ``max_rounds``); a round after the first stops at the step where it gets
+there, since its only job is to finish the cut. The snap then drops the least informative units (highest
 log-ratio) or adds back the most informative pruned ones until the size meets
 the budget exactly or just under.
 """
@@ -90,7 +91,7 @@ def prune_model(
         final = masks.keep()
         masks.detach()
         cut(student, final)
-        train_steps = len(rounds) * steps
+        train_steps = sum(r["steps"] for r in rounds)
         recovery = cfg.recovery_steps if cfg.recovery_steps is not None else (0 if cfg.mode == "faster" else steps)
         if recovery:
             _train(student, teacher, None, data, recovery, cfg, None, {})
@@ -171,9 +172,13 @@ def _vib_rounds(student, teacher, masks: MaskSet, data, steps, cfg: PruneSetting
         def target(step: int, ramp=ramp) -> float:
             return goal if ramp == 0 else 1 - (1 - goal) * min(1.0, step / ramp)
 
-        stats = _train(student, teacher, masks, data, steps, cfg, budget, state, target, cache=cache)
+        def reached() -> bool:
+            return budget.measure(masks.hard_shape()) <= budget.target
+
+        # round 1 trains the whole schedule; later rounds only finish the cut
+        stats = _train(student, teacher, masks, data, steps, cfg, budget, state, target, cache=cache, until=reached if r > 1 else None)
         hard = budget.measure(masks.hard_shape()) / budget.full
-        record = {"round": r, "steps": steps, "target": round(goal, 4), "expected": round(stats["expected"], 4),
+        record = {"round": r, "steps": stats["steps"], "target": round(goal, 4), "expected": round(stats["expected"], 4),
                   "hard": round(hard, 4), "lambda1": round(float(lambdas[0].detach()), 4), "lambda2": round(float(lambdas[1].detach()), 4),
                   "kl": round(stats["kl"], 5), "distill": round(stats["distill"], 5)}
         rounds.append(record)
@@ -185,11 +190,12 @@ def _vib_rounds(student, teacher, masks: MaskSet, data, steps, cfg: PruneSetting
 
 def _train(
     student, teacher, masks: MaskSet | None, data, steps: int, cfg: PruneSettings, budget: Budget | None, state: dict, target=None,
-    cache: TeacherCache | None = None,
+    cache: TeacherCache | None = None, until: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """``steps`` optimisation steps: masks (and weights unless frozen) with the Lagrangian, or a
     plain distillation fine-tune of the weights when ``masks`` is None. While only the masks
-    train, the teacher's outputs come from ``cache`` when given."""
+    train, the teacher's outputs come from ``cache`` when given. Stops early once ``until()``
+    holds after a step; ``steps`` in the result counts the steps taken."""
     train_weights = masks is None or cfg.mode != "faster"
     weights = [p for p in student.parameters() if p.requires_grad]
     for p in weights:
@@ -198,7 +204,7 @@ def _train(
     # layer-wise hidden states are comparable only while the student keeps the teacher's width
     use_hidden = (masks is None or masks.hidden is None) and TransformerView(student).hidden == TransformerView(teacher).hidden
     student.train()
-    last = {"distill": float("nan"), "kl": 0.0, "expected": float("nan")}
+    last = {"distill": float("nan"), "kl": 0.0, "expected": float("nan"), "steps": 0}
     for step, (idx, batch) in enumerate(_batches(data, cfg.batch_size, steps)):
         if cache is not None and not train_weights:
             t_out = cache.get(idx, int(batch["input_ids"].shape[1]))
@@ -228,6 +234,9 @@ def _train(
         if masks is not None:
             state["mask_opt"].step()
             state["lag_opt"].step()
+        last["steps"] = step + 1
+        if until is not None and until():
+            break
     for p in weights:
         p.requires_grad_(True)
     student.eval()
