@@ -17,7 +17,8 @@ trained model (schedule solved for the cut from layer ``START_LAYER`` on, the
 same rule for every method); then the bench measures: the blocks' MACs with
 the FLOPs accounting (a batch-1 forward under PyTorch's FLOP counter), top-1 on
 the held-out set, and ONNX Runtime latency (1 thread, batch 1) as a ratio to
-the uncompressed ONNX model, timed in interleaved rounds (median of rounds).
+the uncompressed ONNX model: in each round every model is timed right beside a
+block of the uncompressed one, and the result is the median of those ratios.
 
 Called by bench/tokens.py: ``vit_section(quick)`` returns (markdown, dict).
 """
@@ -40,7 +41,7 @@ CACHE = HERE / ".cache"
 SEEDS = {"train": 1, "test": 2}
 START_LAYER = 0
 METHODS = ("transform", "tome", "prune")
-FULL = {"train": 10000, "epochs": 10, "test": 3000, "cuts": (0.2, 0.3, 0.4, 0.5), "rounds": 5, "block": 0.4, "deit_block": 1.0}
+FULL = {"train": 10000, "epochs": 10, "test": 3000, "cuts": (0.2, 0.3, 0.4, 0.5), "rounds": 9, "block": 0.2, "deit_block": 0.5}
 QUICK = {"train": 1000, "epochs": 2, "test": 300, "cuts": (0.4,), "rounds": 2, "block": 0.2, "deit_block": 0.3}
 TRAIN = {"batch_size": 64, "lr": 2e-3, "weight_decay": 0.05, "label_smoothing": 0.1}
 
@@ -113,7 +114,12 @@ def export(artifact, folder: Path) -> Path:
 
 
 def latency_ratios(paths: dict[str, Path], feed: dict, rounds: int, block: float) -> dict[str, float]:
-    """Median over interleaved rounds of each model's batch-1 latency / the dense model's (1 thread)."""
+    """Each model's batch-1 latency / the dense model's (1 thread): the median over rounds of
+    the ratio to a dense block timed right beside it.
+
+    On this shared machine a core's speed drifts by up to 1.7x over seconds, so
+    every model is paired with a dense block of its own (in alternating order
+    from round to round) instead of with one dense block per round."""
     import onnxruntime as ort
 
     sys.path.insert(0, str(HERE))
@@ -124,11 +130,14 @@ def latency_ratios(paths: dict[str, Path], feed: dict, rounds: int, block: float
     sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     ratios: dict[str, list[float]] = {k: [] for k in paths if k != "dense"}
     dense_ms: list[float] = []
-    for _ in range(rounds):
-        base = time_block(sessions["dense"], feed, block)
-        dense_ms.append(base * 1e3)
+    for i in range(rounds):
         for k, values in ratios.items():
-            values.append(time_block(sessions[k], feed, block) / base)
+            if i % 2:
+                model, base = time_block(sessions[k], feed, block), time_block(sessions["dense"], feed, block)
+            else:
+                base, model = time_block(sessions["dense"], feed, block), time_block(sessions[k], feed, block)
+            values.append(model / base)
+            dense_ms.append(base * 1e3)
     out = {k: round(statistics.median(v), 3) for k, v in ratios.items()}
     out["dense_ms"] = round(statistics.median(dense_ms), 3)
     return out
@@ -213,7 +222,8 @@ def _markdown(res: dict) -> str:
             f"{res['settings']['epochs']} epochs), top-1 on {res['test_samples']} images of digits_canvas_test (glyphs never trained on). "
             f"Uncompressed: top-1 {100 * res['dense_top1']:.2f}%, "
             f"block MACs {res['dense_block_macs'] / 1e6:.1f} M, ONNX Runtime {res['dense_ms']:.3f} ms (1 thread, batch 1). "
-            "Speedup = uncompressed / compressed ONNX Runtime latency (1 thread, batch 1), median over interleaved rounds; "
+            "Speedup = uncompressed / compressed ONNX Runtime latency (1 thread, batch 1): the median over "
+            f"{res['settings']['rounds']} rounds of the ratio to an uncompressed block timed beside it; "
             f"DeiT-S columns: the same method and cut on `deit_small` (196 + 1 tokens, dim 384, depth 12, random weights; "
             f"uncompressed {res['deit_dense_ms']:.1f} ms)."
         ),
