@@ -11,9 +11,9 @@ size), ``t`` the target, ramped from 1 to the goal over the first ``warmup``
 share of the first round, and ``l1, l2`` Lagrange multipliers raised by
 gradient ascent. Rounds repeat until the hard mask is within the budget (at
 most ``max_rounds``); a round after the first stops at the step where it gets
-there, since its only job is to finish the cut. The snap then drops the least informative units (highest
-log-ratio) or adds back the most informative pruned ones until the size meets
-the budget exactly or just under.
+there, since its only job is to finish the cut. The snap then drops the least
+informative units (highest log-ratio) or adds back the most informative pruned
+ones until the size meets the budget exactly or just under.
 """
 
 from __future__ import annotations
