@@ -144,13 +144,13 @@ def transform_matrix(metric: torch.Tensor, importance: torch.Tensor, keep: int, 
     m = _normalise(metric[:, 1:])
     pick = one_hot(anchors, n, metric.dtype)  # (b, k, n)
     anchor_feat = torch.gather(m, 1, anchors.unsqueeze(-1).expand(-1, -1, m.shape[-1]))  # (b, k, c)
-    sim = m @ anchor_feat.transpose(1, 2)  # (b, n, k): every token vs every anchor
-    m_eff = min(top_m, keep)
-    top = torch.topk(sim, m_eff, dim=-1)
+    # every token vs every anchor; an anchor's similarity to itself gets a bonus of 1000 softmax
+    # logits over any other, so its weight on itself is exactly 1 and on the rest exactly 0
+    # (exp(-1000) is below even float64's smallest number): anchors stay whole with no extra branch
+    sim = m @ anchor_feat.transpose(1, 2) + (1000.0 * temperature) * pick.transpose(1, 2)  # (b, n, k)
+    top = torch.topk(sim, min(top_m, keep), dim=-1)
     w = torch.softmax(top.values / temperature, dim=-1)  # (b, n, m)
-    spread = (w.unsqueeze(-1) * one_hot(top.indices, keep, metric.dtype)).sum(-2)  # (b, n, k)
-    is_anchor = pick.sum(1).unsqueeze(-1)  # (b, n, 1)
-    cols = is_anchor * pick.transpose(1, 2) + (1 - is_anchor) * spread  # (b, n, k): column j of T's patch part
+    cols = (w.unsqueeze(-1) * one_hot(top.indices, keep, metric.dtype)).sum(-2)  # (b, n, k): column j of T's patch part
     patch_rows = torch.cat([torch.zeros(b, keep, 1, dtype=metric.dtype, device=metric.device), cols.transpose(1, 2)], dim=2)
     return torch.cat([_cls_row(b, n_all, metric), patch_rows], dim=1)
 
