@@ -13,7 +13,9 @@ input and its decoder with a KV cache:
 
 For source lengths 128 / 512 / 1024 and 32 new tokens (EOS ignored): median
 time to the first token and tokens per second (32 x batch / total time) at batch
-1 and 8; ratios are student over teacher. Run: python bench/encdec.py (writes
+1 and 8. Teacher and student run in turns on the same input, and the cut and
+ratios (student against teacher) are medians of the per-turn ratios, so a drift
+in the machine's speed does not land on one of them. Run: python bench/encdec.py (writes
 bench/results/encdec.md and encdec.json; the recipe's steps are cached under
 bench/.cache). --quick: short settings into a temporary folder.
 """
@@ -68,7 +70,8 @@ def exports_of(run: Path) -> dict[str, dict]:
 
 
 def time_pair(generators: dict, vocab: int, lengths, batches, new_tokens: int, repeats: int) -> list[dict]:
-    from edgekit.runtimes.generation import first_token_and_throughput
+    """Teacher and student on the same inputs, timed in turns; cut and ratios are medians of per-repeat ratios."""
+    from edgekit.runtimes.generation import paired_generation
 
     rows = []
     rng = np.random.default_rng(0)
@@ -76,13 +79,14 @@ def time_pair(generators: dict, vocab: int, lengths, batches, new_tokens: int, r
         for batch in batches:
             ids = rng.integers(4, vocab, size=(batch, length), dtype=np.int64)
             row = {"source_tokens": length, "batch": batch}
-            for role, gen in generators.items():  # teacher and student back to back, same input
-                mask = np.ones_like(ids) if gen.kind == "encdec" else None
-                r = first_token_and_throughput(gen, ids, new_tokens, mask, repeats=repeats, warmup=1)
+            masks = {role: (np.ones_like(ids) if gen.kind == "encdec" else None) for role, gen in generators.items()}
+            stats = paired_generation(generators, ids, new_tokens, masks, repeats=repeats, warmup=1)  # teacher first: the baseline
+            for role, r in stats.items():
                 row[role] = {k: r[k] for k in ("first_token_ms", "total_ms", "tokens_per_s", "decode_tokens_per_s")}
-            row["first_token_cut"] = 1 - row["student"]["first_token_ms"] / row["teacher"]["first_token_ms"]
-            row["throughput_ratio"] = row["student"]["tokens_per_s"] / row["teacher"]["tokens_per_s"]
-            row["decode_ratio"] = row["student"]["decode_tokens_per_s"] / row["teacher"]["decode_tokens_per_s"]
+            paired = stats["student"]["vs_first"]
+            row["first_token_cut"] = 1 - paired["first_token"]
+            row["throughput_ratio"] = 1 / paired["total"]
+            row["decode_ratio"] = 1 / paired["decode"]
             rows.append(row)
             print(f"  src {length:5d} batch {batch}: first-token cut {row['first_token_cut']:.0%}, throughput {row['throughput_ratio']:.2f}x, "
                   f"decoding {row['decode_ratio']:.2f}x", flush=True)
@@ -134,7 +138,8 @@ def render(result: dict) -> str:
     lines += ["", "First token: from the call to the first generated token (teacher: prefill of the whole source; student: encoder, "
               "cross-attention keys/values and one decoder step). Tokens/s: batch x 32 new tokens over the whole generation, "
               "prefill included. Decoding tokens/s: the 31 tokens after the first over the time after it (the source already read). "
-              "Cut and ratios: student against teacher on the same input; medians of the repeats."]
+              "Cut and ratios: student against teacher on the same input, the two run in turns; medians of the per-turn ratios "
+              f"({result.get('repeats', '?')} turns; {result.get('size_class_repeats', '?')} at the small-SLM size)."]
     return "\n".join(lines) + "\n"
 
 
@@ -191,8 +196,8 @@ def main() -> None:
     cache = Path(tempfile.mkdtemp(prefix="encdec-cache-")) if args.quick else HERE / ".cache"
     lengths = (128, 512) if args.quick else (128, 512, 1024)
     batches = (1, 8)
-    repeats = 2 if args.quick else 5
-    result: dict = {"header": header(args.threads)}
+    repeats = 2 if args.quick else 9
+    result: dict = {"header": header(args.threads), "repeats": repeats, "size_class_repeats": min(repeats, 5)}
 
     print("trained pair: running examples/recipes/encdec_event_log.yaml", flush=True)
     found = exports_of(run_recipe(cache, args.quick))
@@ -209,8 +214,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="encdec-size-") as tmp:
         pair, info = size_class_pair(Path(tmp), args.quick)
         gens = {role: OrtGenerator.load(folder, files, meta, threads=args.threads) for role, (folder, files, meta) in pair.items()}
-        # three repeats: a batch-8 prefill of 1024 tokens at this size takes seconds
-        result["size_class"] = {"info": info, "rows": time_pair(gens, info["config"]["vocab"], lengths, batches, 32, min(repeats, 3))}
+        # five repeats: a batch-8 prefill of 1024 tokens at this size takes seconds
+        result["size_class"] = {"info": info, "rows": time_pair(gens, info["config"]["vocab"], lengths, batches, 32, result["size_class_repeats"])}
 
     from edgekit.machine import machine_info, versions
 

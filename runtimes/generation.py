@@ -195,12 +195,66 @@ def first_token_and_throughput(
     The first token's time runs from the call to having the token: the prefill
     (or encoder) and the first decoder step. Both come from the same runs.
     """
-    if new_tokens < 1 or repeats < 1 or warmup < 0:
-        raise UserError(f"need new_tokens >= 1, repeats >= 1 and warmup >= 0, got {new_tokens}, {repeats} and {warmup}; fix the bench settings")
-    ids = _int_matrix(input_ids, "input_ids")
+    ids = _checked(input_ids, new_tokens, repeats, warmup)
     for _ in range(warmup):
         _timed_run(generator, ids, new_tokens, attention_mask)
     runs = [_timed_run(generator, ids, new_tokens, attention_mask) for _ in range(repeats)]
+    return _summary(runs, ids, new_tokens, warmup)
+
+
+def paired_generation(
+    generators: dict[str, OrtGenerator],
+    input_ids: np.ndarray,
+    new_tokens: int,
+    attention_masks: dict[str, np.ndarray | None] | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """:func:`first_token_and_throughput` for several generators on the same input, timed in turns.
+
+    Every repeat runs each generator once, the order rotating from repeat to
+    repeat, so a drift in the machine's speed (on a shared CPU, up to 1.7x
+    within seconds) hits them alike. Besides its own medians, each result holds
+    ``vs_first``: the medians of its per-repeat time ratios to the first
+    generator (``first_token``, ``total`` and ``decode``, the time after the
+    first token; below 1 is faster).
+    """
+    if not generators:
+        raise UserError("paired_generation needs at least one generator")
+    ids = _checked(input_ids, new_tokens, repeats, warmup)
+    masks = attention_masks or {}
+    names = list(generators)
+
+    def turn(shift: int) -> dict[str, tuple[float, float]]:
+        order = names[shift % len(names):] + names[: shift % len(names)]
+        return {n: _timed_run(generators[n], ids, new_tokens, masks.get(n)) for n in order}
+
+    for i in range(warmup):
+        turn(i)
+    runs: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    for i in range(repeats):
+        for n, r in turn(i).items():
+            runs[n].append(r)
+    base = runs[names[0]]
+    out = {}
+    for n in names:
+        pairs = list(zip(runs[n], base))
+        out[n] = _summary(runs[n], ids, new_tokens, warmup) | {"vs_first": {
+            "first_token": statistics.median(r[0] / b[0] for r, b in pairs),
+            "total": statistics.median(r[1] / b[1] for r, b in pairs),
+            "decode": statistics.median((r[1] - r[0]) / max(b[1] - b[0], 1e-9) for r, b in pairs) if new_tokens > 1 else None,
+        }}
+    return out
+
+
+def _checked(input_ids: Any, new_tokens: int, repeats: int, warmup: int) -> np.ndarray:
+    if new_tokens < 1 or repeats < 1 or warmup < 0:
+        raise UserError(f"need new_tokens >= 1, repeats >= 1 and warmup >= 0, got {new_tokens}, {repeats} and {warmup}; fix the bench settings")
+    return _int_matrix(input_ids, "input_ids")
+
+
+def _summary(runs: list[tuple[float, float]], ids: np.ndarray, new_tokens: int, warmup: int) -> dict[str, Any]:
+    """Medians over ``runs`` of (seconds to the first token, seconds to the last)."""
     first = statistics.median(r[0] for r in runs)
     total = statistics.median(r[1] for r in runs)
     # the tokens after the first, over the time after it: the decoding rate with the input already read
@@ -213,7 +267,7 @@ def first_token_and_throughput(
         "batch": int(ids.shape[0]),
         "source_tokens": int(ids.shape[1]),
         "new_tokens": int(new_tokens),
-        "repeats": int(repeats),
+        "repeats": len(runs),
         "warmup": int(warmup),
     }
 

@@ -12,7 +12,7 @@ from edgekit.errors import StepFailed, UserError
 from edgekit.export.encdec_onnx import export_generation, generation_meta
 from edgekit.models.encdec import EOS, PAD, EncoderDecoderLM, generate, student_config
 from edgekit.models.event_log import VOCAB_SIZE, event_log_teacher_micro
-from edgekit.runtimes.generation import OrtGenerator, first_token_and_throughput, pick
+from edgekit.runtimes.generation import OrtGenerator, first_token_and_throughput, paired_generation, pick
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -151,6 +151,31 @@ def test_first_token_and_throughput(decoder_export, encdec_export):
         assert stats["batch"] == len(ids) and stats["new_tokens"] == 4
     with pytest.raises(UserError, match="new_tokens"):
         first_token_and_throughput(_generator(decoder_export), _tokens((1, 6), 11), 0)
+
+
+def test_paired_generation_runs_in_turns_and_compares_to_the_first(decoder_export, encdec_export, monkeypatch):
+    from edgekit.runtimes import generation
+
+    order = []
+    timed = generation._timed_run
+
+    def recording(gen, ids, new_tokens, mask):
+        order.append(gen.kind)
+        return timed(gen, ids, new_tokens, mask)
+
+    monkeypatch.setattr(generation, "_timed_run", recording)
+    ids = _tokens((1, 6), 14)
+    gens = {"teacher": _generator(decoder_export), "student": _generator(encdec_export)}
+    stats = paired_generation(gens, ids, 4, {"student": np.ones_like(ids)}, repeats=3, warmup=1)
+    # a warm-up turn, then three turns, each running both; the order rotates so neither always goes first
+    assert order == ["decoder", "encdec"] + ["decoder", "encdec", "encdec", "decoder", "decoder", "encdec"]
+    assert list(stats) == ["teacher", "student"] and all(s["repeats"] == 3 for s in stats.values())
+    assert stats["teacher"]["vs_first"] == {"first_token": 1.0, "total": 1.0, "decode": 1.0}
+    student = stats["student"]["vs_first"]
+    assert all(v > 0 for v in student.values())
+    assert set(stats["student"]) - {"vs_first"} == set(first_token_and_throughput(gens["student"], ids, 4, np.ones_like(ids), repeats=1))
+    with pytest.raises(UserError, match="repeats"):
+        paired_generation(gens, ids, 4, repeats=0)
 
 
 def test_decoder_padded_prompt_is_refused(decoder_export):
