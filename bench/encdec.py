@@ -15,9 +15,10 @@ For source lengths 128 / 512 / 1024 and 32 new tokens (EOS ignored): median
 time to the first token and tokens per second (32 x batch / total time) at batch
 1 and 8. Teacher and student run in turns on the same input, and the cut and
 ratios (student against teacher) are medians of the per-turn ratios, so a drift
-in the machine's speed does not land on one of them. Run: python bench/encdec.py (writes
-bench/results/encdec.md and encdec.json; the recipe's steps are cached under
-bench/.cache). --quick: short settings into a temporary folder.
+in the machine's speed does not land on one of them. Run: python
+bench/encdec.py (writes bench/results/encdec.md and encdec.json; the recipe's
+steps are cached under bench/.cache). --quick: short settings into a temporary
+folder.
 """
 
 from __future__ import annotations
