@@ -35,6 +35,16 @@ def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> Outputs:
     return Outputs(res.last_hidden_state, tuple(res.hidden_states), logits=False)
 
 
+def take_batch(data: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Samples ``idx`` of ``data`` with their token axes cut to the longest of them (right padding)."""
+    batch = {k: v[idx] for k, v in data.items()}
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    length = int(mask.sum(1).max().clamp(min=1))
+    return {k: (v[:, :length] if v.dim() == 2 and k != "labels" else v) for k, v in batch.items()}
+
+
 def distill_loss(student: Outputs, teacher: Outputs, attention_mask: torch.Tensor | None, use_hidden: bool, hidden_weight: float) -> torch.Tensor:
     """Match the teacher's outputs (KL on logits, cosine + scaled MSE on vectors) and,
     optionally, its hidden states layer by layer."""

@@ -32,7 +32,7 @@ from edgekit.errors import UserError
 from .budget import Budget, resolve_target, snap
 from .config import PruneSettings
 from .masks import MaskSet
-from .objective import distill_loss, forward, task_loss
+from .objective import distill_loss, forward, take_batch, task_loss
 from .structure import TransformerView, cut, encoder_param_count, structure_flops, structure_params
 from .teacher_cache import TeacherCache, estimated_bytes
 
@@ -254,12 +254,7 @@ def _batches(data: dict[str, torch.Tensor], batch_size: int, steps: int):
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
-        batch = {k: v[idx] for k, v in data.items()}
-        mask = batch.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
-            length = int(mask.sum(1).max().clamp(min=1))
-            batch = {k: (v[:, :length] if v.dim() == 2 and k != "labels" else v) for k, v in batch.items()}
-        yield idx, batch
+        yield idx, take_batch(data, idx)
 
 
 # -- snapping ------------------------------------------------------------------------

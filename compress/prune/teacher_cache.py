@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .objective import Outputs, forward
+from .objective import Outputs, forward, take_batch
 
 CHUNK = 32  # samples per teacher forward while filling the cache
 
@@ -33,7 +33,7 @@ class TeacherCache:
         with torch.no_grad():
             for start in range(0, n, CHUNK):
                 idx = torch.arange(start, min(n, start + CHUNK))
-                res = forward(teacher, _take(data, idx, int(lengths[idx].max())))
+                res = forward(teacher, take_batch(data, idx))
                 logits, token_level = res.logits, res.out.dim() == 3
                 for row, i in enumerate(idx.tolist()):
                     keep = int(lengths[i])
@@ -55,7 +55,7 @@ def estimated_bytes(teacher: nn.Module, data: dict[str, torch.Tensor], with_hidd
     lengths = _lengths(data)
     idx = torch.arange(min(2, len(lengths)))
     with torch.no_grad():
-        res = forward(teacher, _take(data, idx, int(lengths[idx].max())))
+        res = forward(teacher, take_batch(data, idx))
     per_token = (res.out.shape[-1] if res.out.dim() == 3 else 0) + (sum(h.shape[-1] for h in res.hidden) if with_hidden else 0)
     per_sample = res.out.shape[-1] if res.out.dim() == 2 else 0
     return 4 * (per_token * int(lengths.sum()) + per_sample * len(lengths))
@@ -67,11 +67,6 @@ def _lengths(data: dict[str, torch.Tensor]) -> torch.Tensor:
     if mask is None or mask.dim() != 2:
         return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long)
     return mask.sum(1).clamp(min=1).long()
-
-
-def _take(data: dict[str, torch.Tensor], idx: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
-    """Samples ``idx`` with their token axes cut to ``length``, as ``search._batches`` cuts them."""
-    return {k: (v[idx, :length] if v.dim() == 2 and k != "labels" else v[idx]) for k, v in data.items()}
 
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
