@@ -27,6 +27,9 @@ class TrainConfig(PassConfig):
     weight_decay: float = Field(1e-4, ge=0)
     optimizer: Literal["adam", "sgd"] = "adam"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(
+        None, gt=0, description="clip the global gradient norm to this value every step (transformers trained from scratch need it at higher rates); null: no clipping"
+    )
     cache: bool = Field(True, description="reuse weights trained earlier with the same model, data and config")
 
 
@@ -87,6 +90,8 @@ class TrainSupervised(Pass):
                 loss = loss_fn(logits, y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 sched.step()
                 total += loss.item() * len(idx)
