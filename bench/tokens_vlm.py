@@ -156,6 +156,7 @@ def vlm_section(quick: bool) -> tuple[str, dict]:
 
     from edgekit.models import model_info
     from edgekit.models.datasets import generate
+    from edgekit.models.shapes_vqa import QUADRANTS
 
     size = QUICK if quick else FULL
     started = time.perf_counter()
@@ -188,13 +189,14 @@ def vlm_section(quick: bool) -> tuple[str, dict]:
         halves = f"{acc['localization_top']:.1%} / {acc['localization_bottom']:.1%}"
         lines.append(f"| {method} | {image} | {macs} | {acc['localization']:.1%} | {halves} | {acc['other']:.1%} | {first} | {last} |")
     ratio = results["feather"]["accuracy"]["localization"] / base_loc if base_loc else float("inf")
-    above = {m: 100 * (results[m]["accuracy"]["localization"] - 0.25) for m in ("feather", "fastv")}
+    chance = 1 / len(QUADRANTS)
+    above = {m: 100 * (results[m]["accuracy"]["localization"] - chance) for m in ("feather", "fastv")}
     above_ratio = above["feather"] / above["fastv"] if above["fastv"] > 0 else float("inf")
     lines += [
         "",
         f"FEATHER / FastV localization accuracy: {ratio:.2f}x (paper, RefCOCO: 43.4 / 7.6 = 5.7x). "
-        f"Above the 25% a four-way answer gets by chance: {above['feather']:.1f} / {above['fastv']:.1f} points = {above_ratio:.2f}x "
-        "(RefCOCO's box accuracy has almost no chance floor; here no ratio of accuracies can pass 4x).",
+        f"Above the {chance:.0%} a {len(QUADRANTS)}-way answer gets by chance: {above['feather']:.1f} / {above['fastv']:.1f} points = {above_ratio:.2f}x "
+        f"(RefCOCO's box accuracy has almost no chance floor; here no ratio of accuracies can pass {len(QUADRANTS)}x).",
         "",
         "Where the raw criterion looks (top 25% image tokens by the last token's attention, mean row / top-half share):",
         "",

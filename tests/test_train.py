@@ -85,6 +85,7 @@ def test_digits_cnn_reaches_95_percent(tmp_path):
     trained = TrainSupervised(TrainSupervised.Config()).run(digits_artifact("digits_cnn"), ctx)
     assert eval_top1(trained, ctx.data) >= 0.95  # measured 0.992 in ~1.5 s on 2 cores
 
+
 def test_grad_clip_bounds_the_step(tmp_path):
     import torch
 
